@@ -1,0 +1,185 @@
+"""Read-only catalog queries with bound values; nothing here writes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+
+from orchestrator.names import QualifiedName
+
+Conn = psycopg.Connection[Any]
+
+INTEGER_TYPES = {"smallint": 2**15, "integer": 2**31, "bigint": 2**63}
+
+
+@dataclass(frozen=True)
+class ColumnInfo:
+    name: str
+    type: str
+    not_null: bool
+    default: str | None          # pg_get_expr of the default, None when absent
+    identity: str                # '' | 'a' (ALWAYS) | 'd' (BY DEFAULT)
+    generated: str               # '' | 's' (stored generated)
+    owned_sequence: str | None   # sequence owned by this column (serial), quoted regclass text
+
+    @property
+    def has_default(self) -> bool:
+        return self.default is not None or bool(self.identity) or bool(self.generated)
+
+
+@dataclass(frozen=True)
+class UniqueIndex:
+    name: str
+    columns: tuple[str, ...]
+    primary: bool
+    usable: bool                 # valid, immediate, no predicate, no expressions
+
+
+@dataclass(frozen=True)
+class Grant:
+    grantee: str                 # role name, or PUBLIC
+    privilege: str
+    grantable: bool
+
+
+@dataclass
+class TableInfo:
+    oid: int
+    name: QualifiedName
+    relkind: str
+    owner: str
+    columns: list[ColumnInfo]
+    unique_indexes: list[UniqueIndex]
+    grants: list[Grant]
+    row_security: bool
+    estimated_rows: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def column(self, name: str) -> ColumnInfo | None:
+        return next((c for c in self.columns if c.name == name), None)
+
+    @property
+    def primary_key(self) -> tuple[str, ...] | None:
+        return next((i.columns for i in self.unique_indexes if i.primary), None)
+
+
+def regclass_oid(conn: Conn, text: str) -> int | None:
+    """to_regclass never raises for a missing relation; a syntax error in the name does."""
+    try:
+        with conn.transaction():
+            row = conn.execute("SELECT to_regclass(%s)::oid", [text]).fetchone()
+    except psycopg.errors.InvalidName:
+        return None
+    except psycopg.errors.SyntaxError:
+        return None
+    return int(row[0]) if row and row[0] is not None else None
+
+
+def relation_exists(conn: Conn, name: QualifiedName) -> str | None:
+    """The relkind of schema.name when something by that name exists, else None."""
+    row = conn.execute(
+        "SELECT c.relkind FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+        " WHERE n.nspname = %s AND c.relname = %s", [name.schema, name.name]).fetchone()
+    return str(row[0]) if row else None
+
+
+def schema_exists(conn: Conn, schema: str) -> bool:
+    return conn.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", [schema]).fetchone() is not None
+
+
+def load_table(conn: Conn, oid: int) -> TableInfo:
+    row = conn.execute(
+        """SELECT n.nspname, c.relname, c.relkind, pg_get_userbyid(c.relowner), c.relrowsecurity,
+                  c.reltuples::float8
+             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = %s""",
+        [oid]).fetchone()
+    assert row is not None
+    columns = [
+        ColumnInfo(name=r[0], type=r[1], not_null=r[2], default=r[3], identity=r[4], generated=r[5],
+                   owned_sequence=r[6])
+        for r in conn.execute(
+            """SELECT a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull,
+                      pg_get_expr(d.adbin, d.adrelid), a.attidentity::text, a.attgenerated::text,
+                      (SELECT s.oid::regclass::text FROM pg_depend dep
+                         JOIN pg_class s ON s.oid = dep.objid AND s.relkind = 'S'
+                        WHERE dep.classid = 'pg_class'::regclass AND dep.refobjid = a.attrelid
+                          AND dep.refobjsubid = a.attnum AND dep.deptype IN ('a', 'i') LIMIT 1)
+                 FROM pg_attribute a
+                 LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+                WHERE a.attrelid = %s AND a.attnum > 0 AND NOT a.attisdropped
+                ORDER BY a.attnum""", [oid])]
+    unique_indexes = [
+        UniqueIndex(name=r[0], columns=tuple(r[1]), primary=r[2], usable=r[3])
+        for r in conn.execute(
+            """SELECT ic.relname,
+                      ARRAY(SELECT a.attname FROM unnest(i.indkey::int2[]) WITH ORDINALITY k(attnum, ord)
+                              JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+                             ORDER BY k.ord)::text[],
+                      i.indisprimary,
+                      i.indisvalid AND i.indimmediate AND i.indpred IS NULL AND i.indexprs IS NULL
+                 FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid
+                WHERE i.indrelid = %s AND i.indisunique
+                ORDER BY NOT i.indisprimary, ic.relname""", [oid])]
+    grants = [
+        Grant(grantee=r[0], privilege=r[1], grantable=r[2])
+        for r in conn.execute(
+            """SELECT CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE pg_get_userbyid(a.grantee) END,
+                      a.privilege_type, a.is_grantable
+                 FROM pg_class c, aclexplode(c.relacl) a
+                WHERE c.oid = %s AND a.grantee <> c.relowner
+                ORDER BY 1, 2""", [oid])]
+    return TableInfo(oid=oid, name=QualifiedName(row[0], row[1]), relkind=row[2], owner=row[3],
+                     columns=columns, unique_indexes=unique_indexes, grants=grants,
+                     row_security=row[4], estimated_rows=max(0.0, row[5]))
+
+
+def current_user(conn: Conn) -> str:
+    row = conn.execute("SELECT current_user").fetchone()
+    assert row is not None
+    return str(row[0])
+
+
+@dataclass(frozen=True)
+class Dependent:
+    kind: str
+    name: str
+    action: str
+
+
+def dependents(conn: Conn, oid: int) -> list[Dependent]:
+    """Objects that depend on or attach to blue, with what bgsync does about each."""
+    found: list[Dependent] = []
+    for (name,) in conn.execute(
+            """SELECT DISTINCT v.oid::regclass::text FROM pg_depend d
+                 JOIN pg_rewrite r ON r.oid = d.objid JOIN pg_class v ON v.oid = r.ev_class
+                WHERE d.classid = 'pg_rewrite'::regclass AND d.refobjid = %s AND v.oid <> %s
+                ORDER BY 1""", [oid, oid]):
+        found.append(Dependent("view", name, "re-created on the live table at cutover and rollback"))
+    for name, table in conn.execute(
+            """SELECT conname, conrelid::regclass::text FROM pg_constraint
+                WHERE contype = 'f' AND confrelid = %s AND conrelid <> %s ORDER BY 2, 1""", [oid, oid]):
+        found.append(Dependent("inbound foreign key", f"{name} on {table}",
+                               "re-pointed at the live table at cutover (NOT VALID, validated after)"))
+    for name, table in conn.execute(
+            """SELECT conname, confrelid::regclass::text FROM pg_constraint
+                WHERE contype = 'f' AND conrelid = %s ORDER BY 1""", [oid]):
+        found.append(Dependent("outbound foreign key", f"{name} -> {table}",
+                               "not copied to green: add it after cutover if green still needs it"))
+    for (name,) in conn.execute(
+            """SELECT tgname FROM pg_trigger WHERE tgrelid = %s AND NOT tgisinternal
+                  AND tgname NOT LIKE 'bgsync\\_%%' ORDER BY 1""", [oid]):
+        found.append(Dependent("trigger", name,
+                               "not copied: it keeps firing on blue; recreate it on green before cutover"))
+    for (name,) in conn.execute(
+            """SELECT p.pubname FROM pg_publication p
+                WHERE p.puballtables OR EXISTS (SELECT 1 FROM pg_publication_rel r
+                                                 WHERE r.prpubid = p.oid AND r.prrelid = %s)
+                ORDER BY 1""", [oid]):
+        found.append(Dependent("publication", name,
+                               "not changed: add green to the publication before cutover if subscribers need it"))
+    for (name,) in conn.execute("SELECT polname FROM pg_policy WHERE polrelid = %s ORDER BY 1", [oid]):
+        found.append(Dependent("row security policy", name,
+                               "not copied: recreate it on green before cutover"))
+    return found

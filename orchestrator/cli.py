@@ -1,0 +1,108 @@
+"""The command line: parses options (defined once) and calls one function in `commands` per verb."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from orchestrator import commands, db
+from orchestrator.errors import BgsyncError
+from orchestrator.log import console
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="bgsync: change large, live PostgreSQL tables blue-green, without downtime.")
+
+Dsn = Annotated[str | None, typer.Option("--dsn", help="Connection string; else BGSYNC_DSN, DATABASE_URL, PG*.",
+                                         show_default=False)]
+StateSchema = Annotated[str, typer.Option("--state-schema", help="Schema of bgsync's journal.")]
+PlanFile = Annotated[Path, typer.Argument(help="The plan file (YAML).", show_default=False)]
+DryRun = Annotated[bool, typer.Option("--dry-run", help="Print the SQL instead of running it.")]
+
+
+def _options(dsn: str | None, state_schema: str) -> commands.Options:
+    return commands.Options(dsn=dsn, state_schema=state_schema)
+
+
+@app.command()
+def schema() -> None:
+    """Print the JSON Schema of the plan file."""
+    commands.schema()
+
+
+@app.command()
+def init(table: Annotated[str, typer.Argument(help="The live table, e.g. public.orders.")],
+         output: Annotated[Path | None, typer.Option("-o", "--output", help="Write here, not stdout.")] = None,
+         dsn: Dsn = None, state_schema: StateSchema = "bgsync") -> None:
+    """Scaffold a plan from the live table."""
+    commands.init(_options(dsn, state_schema), table, output)
+
+
+@app.command()
+def validate(plan: PlanFile, dsn: Dsn = None, state_schema: StateSchema = "bgsync") -> None:
+    """Check the plan's syntax, then against the live catalog (exit 2 when invalid)."""
+    commands.validate(_options(dsn, state_schema), plan)
+
+
+@app.command()
+def sql(plan: PlanFile,
+        phase: Annotated[str, typer.Option("--phase", help="prepare, backfill or all.")] = "all",
+        dsn: Dsn = None, state_schema: StateSchema = "bgsync") -> None:
+    """Print the SQL of a phase (dry run; changes nothing)."""
+    if phase not in (*commands.PHASES_WITH_SQL, "all"):
+        raise typer.BadParameter(f"unknown phase {phase!r}; choose from "
+                                 f"{', '.join((*commands.PHASES_WITH_SQL, 'all'))}", param_hint="--phase")
+    commands.sql(_options(dsn, state_schema), plan, phase)
+
+
+@app.command()
+def prepare(plan: PlanFile, dry_run: DryRun = False, dsn: Dsn = None,
+            state_schema: StateSchema = "bgsync") -> None:
+    """Create green, copy grants, install forward dual-write triggers."""
+    commands.prepare(_options(dsn, state_schema), plan, dry_run=dry_run)
+
+
+@app.command()
+def backfill(plan: PlanFile,
+             workers: Annotated[int | None, typer.Option("--workers", min=1, max=64)] = None,
+             batch_rows: Annotated[int | None, typer.Option("--batch-rows", min=1)] = None,
+             max_rows_per_second: Annotated[float | None, typer.Option("--max-rows-per-second", min=0)] = None,
+             dry_run: DryRun = False, dsn: Dsn = None, state_schema: StateSchema = "bgsync") -> None:
+    """Copy history into green with parallel, resumable, throttled workers."""
+    commands.backfill(_options(dsn, state_schema), plan, workers=workers, batch_rows=batch_rows,
+                      max_rows_per_second=max_rows_per_second, dry_run=dry_run)
+
+
+def main() -> None:
+    """Entry point: BgsyncError becomes `FAILED: ...` and its exit code; passwords never print."""
+    try:
+        app(standalone_mode=False)
+    except BgsyncError as error:
+        console.print(f"FAILED: {db.redact(str(error))}", style="red", markup=False, highlight=False)
+        sys.exit(error.exit_code)
+    except KeyboardInterrupt:
+        console.print("FAILED: interrupted", style="red")
+        sys.exit(130)
+    except typer.Exit as done:
+        sys.exit(done.exit_code)
+    except typer.Abort:
+        sys.exit(1)
+    except Exception as error:  # click usage errors
+        usage = _click_usage_error(error)
+        if usage is None:
+            raise
+        console.print(f"FAILED: {db.redact(usage)}", style="red", markup=False, highlight=False)
+        sys.exit(2)
+
+
+def _click_usage_error(error: Exception) -> str | None:
+    for cls in type(error).__mro__:
+        if cls.__name__ in ("UsageError", "ClickException") and hasattr(error, "format_message"):
+            return str(error.format_message())
+    return None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,403 @@
+"""backfill: partition the key space, copy batches with parallel workers, resume from the journal.
+
+Each batch is one transaction that claims its partition row (FOR UPDATE SKIP LOCKED), copies rows
+locked FOR KEY SHARE with ON CONFLICT DO NOTHING, and advances the partition's cursor: progress and
+rows commit together, so a killed backfill resumes exactly where it stopped, and any number of
+workers or processes cooperate on one plan.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+import psycopg
+from psycopg import errors as pgerrors
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from orchestrator import db, log
+from orchestrator.catalog import INTEGER_TYPES
+from orchestrator.errors import DatabaseError, Interrupted
+from orchestrator.executor import Executor, Statement, Unit
+from orchestrator.journal import LOCK_CLASS, phase_statement
+from orchestrator.render import render, render_steps
+from orchestrator.spec import MigrationSpec
+
+Conn = psycopg.Connection[Any]
+Key = list[str]
+RETRYABLE = (pgerrors.SerializationFailure, pgerrors.DeadlockDetected, pgerrors.LockNotAvailable)
+SAMPLE_TARGET_ROWS = 20000
+
+
+@dataclass(frozen=True)
+class Settings:
+    workers: int
+    batch_rows: int
+    max_rows_per_second: float
+
+
+def _statement(template: str, **context: Any) -> Statement:
+    [(description, text)] = render_steps(template, **context)
+    return Statement(description, text)
+
+
+# -- partitioning --------------------------------------------------------------------------------
+def estimate_rows(conn: Conn, spec: MigrationSpec, *, exact_fallback: bool = True) -> int:
+    row = conn.execute("SELECT reltuples::float8 FROM pg_class WHERE oid = to_regclass(%s)",
+                       [str(spec.blue)]).fetchone()
+    estimate = float(row[0]) if row and row[0] is not None else -1.0
+    if estimate > 0 or not exact_fallback:
+        return max(0, int(estimate))
+    counted = conn.execute(f"SELECT count(*) FROM {spec.blue}").fetchone()
+    return int(counted[0]) if counted else 0
+
+
+def partition_count(settings: Settings, rows: int) -> int:
+    return max(1, settings.workers, min(settings.workers * 4, math.ceil(rows / settings.batch_rows)))
+
+
+def sample_percent(rows: int) -> float:
+    if rows <= 5 * SAMPLE_TARGET_ROWS:
+        return 100.0
+    return max(0.01, round(100.0 * SAMPLE_TARGET_ROWS / rows, 4))
+
+
+def bounds_statement(spec: MigrationSpec, rows: int) -> Statement:
+    return _statement("backfill_bounds.sql.j2", spec=spec, integer_key=spec.integer_key,
+                      sample_percent=sample_percent(rows))
+
+
+def integer_chunks(low: int, high: int, parts: int, rows: int, settings: Settings, type_name: str
+                   ) -> list[dict[str, Any]]:
+    """Equal key ranges; each batch steps through `step` key values (about batch_rows rows)."""
+    span = high - low + 1
+    parts = max(1, min(parts, span))
+    step = max(1, math.ceil(settings.batch_rows * span / max(rows, 1)))
+    type_min = -INTEGER_TYPES[type_name]
+    chunks = []
+    for i in range(parts):
+        start = low + span * i // parts
+        end = low + span * (i + 1) // parts - 1
+        chunks.append({"chunk_no": i, "lo": None if start == type_min else [str(start - 1)],
+                       "hi": [str(end)], "step": step})
+    return chunks
+
+
+def sampled_chunks(keys: list[Key], parts: int) -> list[dict[str, Any]]:
+    """Boundaries at the quantiles of a sorted key sample: (None, b1], (b1, b2], ..., (bn, None]."""
+    bounds: list[Key] = []
+    for i in range(1, parts):
+        candidate = keys[len(keys) * i // parts] if keys else None
+        if candidate is not None and (not bounds or bounds[-1] != candidate):
+            bounds.append(candidate)
+    edges: list[Key | None] = [None, *bounds, None]
+    return [{"chunk_no": i, "lo": edges[i], "hi": edges[i + 1], "step": None} for i in range(len(edges) - 1)]
+
+
+def plan_chunks(conn: Conn, executor: Executor, spec: MigrationSpec, settings: Settings) -> list[dict[str, Any]]:
+    rows = estimate_rows(conn, spec)
+    parts = partition_count(settings, rows)
+    result = executor.execute(conn, bounds_statement(spec, rows))
+    if spec.integer_key:
+        low, high = result[0]
+        if low is None:
+            return []
+        return integer_chunks(int(low), int(high), parts, rows, settings, spec.blue_key_types[0])
+    return sampled_chunks([list(r) for r in result], parts)
+
+
+# -- one batch -----------------------------------------------------------------------------------
+@dataclass
+class Chunk:
+    chunk_no: int
+    lo: Key | None
+    hi: Key | None
+    cursor: Key | None
+    step: Decimal | None
+
+    @property
+    def lower(self) -> Key | None:
+        return self.cursor if self.cursor is not None else self.lo
+
+
+@dataclass
+class BatchSql:
+    """The rendered batch statements, one text per bound variant, rendered once per worker."""
+
+    spec: MigrationSpec
+    batch_rows: int
+    _cache: dict[tuple[str, bool, bool], Statement] = field(default_factory=dict)
+
+    def get(self, kind: str, has_lower: bool, has_upper: bool) -> Statement:
+        key = (kind, has_lower, has_upper)
+        if key not in self._cache:
+            self._cache[key] = _statement(f"backfill_{kind}.sql.j2", spec=self.spec, has_lower=has_lower,
+                                          has_upper=has_upper, batch_rows=self.batch_rows)
+        return self._cache[key]
+
+
+def _with(statement: Statement, params: list[Any]) -> Statement:
+    return Statement(statement.description, statement.sql, params)
+
+
+def next_range(conn: Conn, executor: Executor, sqls: BatchSql, spec: MigrationSpec, chunk: Chunk
+               ) -> tuple[Key | None, Key | None, bool]:
+    """(lower exclusive, upper inclusive, chunk finished) of the chunk's next batch."""
+    lower = chunk.lower
+    if spec.integer_key:
+        assert chunk.hi is not None and chunk.step is not None
+        high = int(chunk.hi[0])
+        start = int(lower[0]) if lower is not None else -INTEGER_TYPES[spec.blue_key_types[0]] - 1
+        upper = min(start + int(chunk.step), high)
+        return lower, [str(upper)], upper >= high
+    statement = sqls.get("next", lower is not None, chunk.hi is not None)
+    rows = executor.execute(conn, _with(statement, [*(lower or []), *(chunk.hi or [])]))
+    if rows:
+        upper = [str(v) for v in rows[0]]
+        return lower, upper, upper == chunk.hi
+    return lower, chunk.hi, True
+
+
+# -- workers -------------------------------------------------------------------------------------
+class Throttle:
+    """A shared token bucket: each batch books rows/rate seconds of the timeline."""
+
+    def __init__(self, rate: float, stop: threading.Event) -> None:
+        self.rate, self.stop = rate, stop
+        self.lock = threading.Lock()
+        self.booked_until = time.monotonic()
+
+    def consume(self, rows: int) -> None:
+        if self.rate <= 0 or rows <= 0:
+            return
+        with self.lock:
+            now = time.monotonic()
+            self.booked_until = max(now, self.booked_until) + rows / self.rate
+            wait = self.booked_until - now - 1.0  # one second of burst
+        if wait > 0:
+            self.stop.wait(wait)
+
+
+@dataclass
+class Shared:
+    spec: MigrationSpec
+    settings: Settings
+    dsn: str
+    stop: threading.Event
+    throttle: Throttle
+    progress: Progress | None
+    task: Any
+    errors: list[BaseException] = field(default_factory=list)
+    copied: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def worker(shared: Shared, number: int) -> None:
+    spec = shared.spec
+    try:
+        conn = db.connect(shared.dsn, f"backfill {spec.name} worker {number}")
+    except BaseException as error:
+        shared.errors.append(error)
+        shared.stop.set()
+        return
+    executor = Executor(conn, dry_run=False, migration=spec.name, state_schema=spec.state_schema)
+    sqls = BatchSql(spec, shared.settings.batch_rows)
+    claim = _statement("backfill_claim.sql.j2", spec=spec)
+    progress = _statement("backfill_progress.sql.j2", spec=spec)
+    event = render("journal_event.sql.j2", schema=spec.state_schema)
+    retries = 0
+    try:
+        # Progress commits with its rows, so losing the last commits in a crash only repeats them.
+        conn.execute("SET synchronous_commit = off")
+        conn.execute("SET lock_timeout = '10s'")
+        conn.commit()
+        while not shared.stop.is_set():
+            try:
+                with conn.transaction():
+                    claimed = executor.execute(conn, claim)
+                    if not claimed:
+                        return
+                    chunk = Chunk(*claimed[0])
+                    lower, upper, finished = next_range(conn, executor, sqls, spec, chunk)
+                    copy = sqls.get("copy", lower is not None, upper is not None)
+                    started = time.perf_counter()
+                    _, inserted = executor.execute_counted(conn, _with(copy, [*(lower or []), *(upper or [])]))
+                    elapsed = time.perf_counter() - started
+                    executor.execute(conn, _with(progress, [upper, finished, inserted, finished, chunk.chunk_no]))
+                    conn.execute(event, [spec.name, "backfill", copy.description, copy.sql,
+                                         round(elapsed * 1000, 3), "ok",
+                                         json.dumps({"chunk": chunk.chunk_no, "lower": lower, "upper": upper,
+                                                     "rows": inserted, "worker": number})])
+                retries = 0
+            except RETRYABLE as error:
+                retries += 1
+                if retries > 20:
+                    raise
+                log.warn(f"worker {number}: {type(error).__name__}, retrying batch ({retries})")
+                shared.stop.wait(min(2.0, 0.05 * 2**retries))
+                continue
+            with shared.lock:
+                shared.copied += inserted
+            if shared.progress is not None:
+                shared.progress.advance(shared.task, inserted)
+            shared.throttle.consume(inserted)
+    except BaseException as error:
+        shared.errors.append(error)
+        shared.stop.set()
+    finally:
+        conn.close()
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("[bold]backfill"), BarColumn(), TextColumn("{task.completed:,.0f}/{task.total:,.0f} rows"),
+                    TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"),
+                    TimeRemainingColumn(), console=log.console, transient=False)
+
+
+# -- the phase -----------------------------------------------------------------------------------
+def run(conn: Conn, dsn: str, spec: MigrationSpec, settings: Settings) -> None:
+    executor = Executor(conn, dry_run=False, migration=spec.name, state_schema=spec.state_schema)
+    chunks_statement = _statement("backfill_chunks.sql.j2", spec=spec)
+    status = _statement("backfill_status.sql.j2", spec=spec)
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", [LOCK_CLASS, spec.name + ":chunks"])
+        remaining, total_chunks, copied_before = executor.execute(conn, status)[0]
+        if total_chunks == 0:
+            chunks = plan_chunks(conn, executor, spec, settings)
+            executor.execute(conn, _with(chunks_statement, [json.dumps(chunks)]))
+            executor.execute(conn, phase_statement(spec, "backfilling"))
+            log.info(f"backfill {spec.name}: {len(chunks)} partitions planned")
+        else:
+            log.info(f"backfill {spec.name}: resuming, {remaining} of {total_chunks} partitions left, "
+                     f"{copied_before:,} rows already copied")
+    estimate = estimate_rows(conn, spec)
+    conn.commit()
+
+    stop = threading.Event()
+    progress = _progress()
+    shared = Shared(spec=spec, settings=settings, dsn=dsn, stop=stop,
+                    throttle=Throttle(settings.max_rows_per_second, stop), progress=progress,
+                    task=progress.add_task("backfill", total=max(estimate, int(copied_before)),
+                                           completed=int(copied_before), rate=""))
+    threads = [threading.Thread(target=worker, args=(shared, i), name=f"bgsync-backfill-{i}", daemon=True)
+               for i in range(settings.workers)]
+    started = time.monotonic()
+    interrupted = False
+    with _sigterm_as_interrupt(), progress:
+        for thread in threads:
+            thread.start()
+        try:
+            while any(t.is_alive() for t in threads):
+                for thread in threads:
+                    thread.join(timeout=0.25)
+                elapsed = max(time.monotonic() - started, 1e-6)
+                progress.update(shared.task, rate=f"{shared.copied / elapsed:,.0f} rows/s")
+        except KeyboardInterrupt:
+            interrupted = True
+            stop.set()
+            log.warn("interrupt: stopping after the current batches")
+            for thread in threads:
+                thread.join()
+    if shared.errors:
+        error = shared.errors[0]
+        message = error.diag.message_primary if isinstance(error, psycopg.Error) and error.diag.message_primary \
+            else str(error)
+        raise DatabaseError(f"backfill {spec.name} failed: {db.redact(message)}; rerun to resume")
+    if interrupted:
+        raise Interrupted(f"backfill {spec.name} interrupted; {shared.copied:,} rows copied in this run, "
+                          f"progress recorded: rerun `bgsync backfill` to resume")
+
+    # Partitions held by another process: wait for them so indexes are built on complete data.
+    while True:
+        remaining, total_chunks, copied_total = executor.execute(conn, status)[0]
+        conn.commit()
+        if remaining == 0:
+            break
+        log.info(f"waiting for {remaining} partition(s) held by another backfill process")
+        time.sleep(1.0)
+    build_indexes(conn, executor, spec)
+    executor.run(Unit(f"backfill {spec.name} complete", [phase_statement(spec, "backfilled")], phase="backfill"))
+    elapsed = time.monotonic() - started
+    log.success(f"backfilled {spec.name}: {copied_total:,} rows in green; this run copied {shared.copied:,} rows "
+                f"in {elapsed:.1f}s ({shared.copied / max(elapsed, 1e-6):,.0f} rows/s)")
+
+
+def index_units(conn: Conn | None, spec: MigrationSpec) -> list[Unit]:
+    """CREATE INDEX CONCURRENTLY for the deferred indexes still missing; invalid leftovers dropped first."""
+    if not spec.indexes:
+        return []
+    existing: dict[str, bool] = {}
+    if conn is not None:
+        existing = {r[0]: r[1] for r in conn.execute(
+            """SELECT c.relname, i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+                WHERE i.indrelid = to_regclass(%s)""", [str(spec.green)])}
+    todo = [ix for ix in spec.indexes if not existing.get(ix.name, False)]
+    invalid = {name for name, valid in existing.items() if not valid}
+    steps = render_steps("backfill_indexes.sql.j2", spec=spec, indexes=todo, invalid=invalid)
+    if not steps:
+        return []
+    return [Unit(f"deferred indexes on {spec.green} (CONCURRENTLY, outside a transaction)",
+                 [Statement(d, s) for d, s in steps], atomic=False, phase="backfill")]
+
+
+def build_indexes(conn: Conn, executor: Executor, spec: MigrationSpec) -> None:
+    conn.execute("SELECT pg_advisory_lock(%s, hashtext(%s))", [LOCK_CLASS, spec.name + ":indexes"])
+    conn.commit()
+    try:
+        for unit in index_units(conn, spec):
+            conn.commit()
+            log.info(f"building {len(unit.statements)} deferred index statement(s) CONCURRENTLY")
+            executor.run(unit)
+    finally:
+        conn.execute("SELECT pg_advisory_unlock(%s, hashtext(%s))", [LOCK_CLASS, spec.name + ":indexes"])
+        conn.commit()
+
+
+def print_plan(conn: Conn, spec: MigrationSpec, settings: Settings) -> None:
+    """The backfill's SQL, from the same templates the workers run, with its parameters named."""
+    printer = Executor(None, dry_run=True, migration=spec.name, state_schema=spec.state_schema)
+    rows = estimate_rows(conn, spec, exact_fallback=False)
+    sqls = BatchSql(spec, settings.batch_rows)
+    plan_unit = [
+        bounds_statement(spec, rows),
+        _with(_statement("backfill_chunks.sql.j2", spec=spec), ["<partitions as JSON>"]),
+        phase_statement(spec, "backfilling"),
+    ]
+    printer.run(Unit(f"backfill {spec.name}: plan about {partition_count(settings, rows)} partitions "
+                     f"({settings.workers} workers, {settings.batch_rows} rows per batch)", plan_unit))
+    batch = [_statement("backfill_claim.sql.j2", spec=spec)]
+    if not spec.integer_key:
+        batch.append(_with(sqls.get("next", True, True), ["<cursor>", "<partition hi>"]))
+    batch += [
+        _with(sqls.get("copy", True, True), ["<batch lower (exclusive)>", "<batch upper (inclusive)>"]),
+        _with(_statement("backfill_progress.sql.j2", spec=spec),
+              ["<batch upper>", "<partition done>", "<rows inserted>", "<partition done>", "<partition>"]),
+    ]
+    printer.run(Unit("each batch, repeated by every worker until no partition is left", batch))
+    for unit in index_units(conn, spec):
+        printer.run(unit)
+    printer.run(Unit(f"backfill {spec.name} complete", [phase_statement(spec, "backfilled")]))

@@ -1,0 +1,28 @@
+"""prepare: green table, copied grants, forward dual-write triggers; one transaction."""
+
+from __future__ import annotations
+
+import json
+
+from orchestrator.executor import Statement, Unit
+from orchestrator.journal import journal_unit, spec_to_json
+from orchestrator.plan import Plan
+from orchestrator.render import render, render_steps
+from orchestrator.spec import MigrationSpec
+
+
+def prepare_units(plan: Plan, spec: MigrationSpec, current_user: str) -> list[Unit]:
+    """The journal, then green + triggers + the journal row, atomically under lock_timeout retries."""
+
+    def upsert_from(rows: str) -> str:
+        return render("_upsert.sql.j2", spec=spec, rows=rows).strip()
+
+    statements = [Statement(d, s) for d, s in render_steps(
+        "prepare.sql.j2", spec=spec, current_user=current_user, upsert_from=upsert_from)]
+    statements += [Statement(d, s + "\nRETURNING name") for d, s in render_steps(
+        "migration_register.sql.j2", schema=spec.state_schema, name=spec.name, source=str(spec.blue),
+        target=str(spec.green), plan_hash=spec.plan_hash,
+        plan_json=json.dumps(plan.structural_dump(), sort_keys=True), spec_json=spec_to_json(spec))]
+    main = Unit(f"prepare {spec.name}: green {spec.green} and forward triggers on {spec.blue}", statements,
+                lock_timeout=plan.cutover.lock_timeout, attempts=plan.cutover.attempts, phase="prepare")
+    return [journal_unit(spec.state_schema), main]

@@ -1,0 +1,241 @@
+"""The plan file: a pydantic model with `extra="forbid"` and errors that name the field path."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from orchestrator.errors import PlanError
+from orchestrator.names import check_name_length, parse_qualified_name
+
+DURATION = re.compile(r"^\s*\d+(\.\d+)?\s*(us|ms|s|min|h|d)?\s*$")
+# The dollar-quote tag bgsync wraps function bodies in; no plan expression may contain it.
+BODY_TAG = "$bgsync_body$"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
+
+
+def _plain_name(value: str) -> str:
+    problem = check_name_length(value)
+    if problem:
+        raise ValueError(f"name {problem}")
+    return value
+
+
+def _expression(value: str) -> str:
+    if not value.strip():
+        raise ValueError("expression must not be empty")
+    if "\x00" in value:
+        raise ValueError("expression must not contain a NUL character")
+    if BODY_TAG in value:
+        raise ValueError(f"expression must not contain {BODY_TAG}")
+    return value
+
+
+PlainName = Annotated[str, Field(description="A plain name, taken literally (no quotes, no folding).")]
+Expression = Annotated[str, Field(description="An SQL expression written by the plan's author.")]
+
+
+class Column(_Strict):
+    """One column of green, in order."""
+
+    name: PlainName
+    type: str = Field(description="SQL type of the green column, e.g. numeric(12,2).")
+    not_null: bool = False
+    from_: Expression | None = Field(
+        default=None, alias="from",
+        description="SQL expression over a blue row; default: the same-named blue column.")
+    reverse: Expression | None = Field(
+        default=None, description="SQL expression over a green row feeding blue `reverse_column`.")
+    reverse_column: PlainName | None = Field(
+        default=None, description="Blue column fed by `reverse`; default: the bare column named in `from`.")
+    default: Expression | None = Field(default=None, description="SQL default expression of the green column.")
+
+    _name = field_validator("name", "reverse_column")(lambda v: None if v is None else _plain_name(v))
+    _expr = field_validator("from_", "reverse", "default")(lambda v: None if v is None else _expression(v))
+
+    @field_validator("type")
+    @classmethod
+    def _type(cls, value: str) -> str:
+        return _expression(value)
+
+
+class Index(_Strict):
+    """A secondary index on green, built CONCURRENTLY after the backfill."""
+
+    columns: list[PlainName] = Field(min_length=1)
+    unique: bool = False
+    where: Expression | None = None
+    name: PlainName | None = Field(default=None, description="Index name; default: derived from the columns.")
+
+    _names = field_validator("columns")(lambda v: [_plain_name(c) for c in v])
+    _where = field_validator("where")(lambda v: None if v is None else _expression(v))
+    _name = field_validator("name")(lambda v: None if v is None else _plain_name(v))
+
+
+class Check(_Strict):
+    name: PlainName
+    expression: Expression
+
+    _name = field_validator("name")(_plain_name)
+    _expr = field_validator("expression")(_expression)
+
+
+class Backfill(_Strict):
+    workers: int = Field(default=4, ge=1, le=64)
+    batch_rows: int = Field(default=10000, ge=1, le=10_000_000)
+    max_rows_per_second: float = Field(default=0, ge=0, description="0 = unthrottled")
+
+
+class Verify(_Strict):
+    workers: int = Field(default=4, ge=1, le=64)
+
+
+class Cutover(_Strict):
+    mode: Literal["rename", "view"] = "rename"
+    retired_name: PlainName | None = Field(default=None, description="Default: <source table>_old.")
+    lock_timeout: str = Field(default="2s", description="PostgreSQL duration, e.g. 200ms, 2s, 1min.")
+    attempts: int = Field(default=10, ge=1, le=1000)
+
+    _name = field_validator("retired_name")(lambda v: None if v is None else _plain_name(v))
+
+    @field_validator("lock_timeout")
+    @classmethod
+    def _duration(cls, value: str) -> str:
+        if not DURATION.match(value):
+            raise ValueError("not a PostgreSQL duration such as 200ms, 2s or 1min")
+        return value.strip()
+
+
+class Plan(_Strict):
+    """A bgsync migration plan."""
+
+    name: str = Field(pattern=r"^[a-z][a-z0-9_]*$", max_length=40, description="Migration id in the journal.")
+    source: str = Field(description="The live (blue) table, as regclass accepts it: schema.table.")
+    target: str | None = Field(default=None, description="The green table; default: <source>_v2.")
+    key: list[PlainName] | None = Field(default=None, min_length=1,
+                                        description="Green key columns; default: the source primary key.")
+    columns: list[Column] = Field(min_length=1, description="The complete, ordered column list of green.")
+    indexes: list[Index] = Field(default_factory=list)
+    checks: list[Check] = Field(default_factory=list)
+    backfill: Backfill = Field(default_factory=Backfill)
+    verify: Verify = Field(default_factory=Verify)
+    cutover: Cutover = Field(default_factory=Cutover)
+
+    @field_validator("source", "target")
+    @classmethod
+    def _qualified(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_qualified_name(value)
+        return value
+
+    @model_validator(mode="after")
+    def _cross_references(self) -> Plan:
+        problems: list[str] = []
+        names = [c.name for c in self.columns]
+        seen: set[str] = set()
+        for i, name in enumerate(names):
+            if name in seen:
+                problems.append(f"columns[{i}].name: duplicate column {name!r}")
+            seen.add(name)
+        for i, k in enumerate(self.key or []):
+            if k not in seen:
+                problems.append(f"key[{i}]: {k!r} is not a green column")
+        for i, index in enumerate(self.indexes):
+            for j, col in enumerate(index.columns):
+                if col not in seen:
+                    problems.append(f"indexes[{i}].columns[{j}]: {col!r} is not a green column")
+        check_names = [c.name for c in self.checks]
+        for i, name in enumerate(check_names):
+            if check_names.index(name) != i:
+                problems.append(f"checks[{i}].name: duplicate check {name!r}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def structural_dump(self) -> dict[str, Any]:
+        """The fields that define green; tuning knobs (workers, rates, timeouts) are left out."""
+        data = self.model_dump(mode="json", by_alias=True)
+        for knob in ("backfill", "verify"):
+            data.pop(knob)
+        data["cutover"] = {k: v for k, v in data["cutover"].items() if k in ("mode", "retired_name")}
+        return data
+
+    def structural_hash(self) -> str:
+        text = json.dumps(self.structural_dump(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _loc(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "(plan)"
+
+
+def format_validation_error(error: ValidationError) -> list[str]:
+    lines = []
+    for item in error.errors():
+        loc = tuple(p for p in item["loc"] if p not in ("function-after",))
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown field"
+        lines.append(f"{_loc(loc)}: {message}")
+    return lines
+
+
+def parse_plan(data: Any) -> Plan:
+    if not isinstance(data, dict):
+        raise PlanError(["(plan): the plan must be a YAML mapping of fields"])
+    try:
+        return Plan.model_validate(data)
+    except ValidationError as error:
+        raise PlanError(format_validation_error(error)) from None
+
+
+def load_plan(path: str | Path) -> Plan:
+    """Read and check a plan file offline; every problem raises PlanError (exit 2)."""
+    file = Path(path)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise PlanError([f"(file): cannot read {file}: {error}"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or str(error)
+        raise PlanError([f"(yaml): malformed YAML{where}: {problem}"]) from None
+    return parse_plan(data)
+
+
+def plan_json_schema() -> dict[str, Any]:
+    return Plan.model_json_schema(by_alias=True)
+
+
+def diff_fields(old: Any, new: Any, path: str = "") -> list[str]:
+    """Field paths where two plan dumps differ, for naming what changed since prepare."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: list[str] = []
+        for key in sorted(set(old) | set(new)):
+            sub = f"{path}.{key}" if path else str(key)
+            out += diff_fields(old.get(key), new.get(key), sub)
+        return out
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        out = []
+        for i, (a, b) in enumerate(zip(old, new, strict=True)):
+            out += diff_fields(a, b, f"{path}[{i}]")
+        return out
+    return [] if old == new else [f"{path or '(plan)'}: {json.dumps(old)} -> {json.dumps(new)}"]

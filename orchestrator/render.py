@@ -1,0 +1,76 @@
+"""Jinja2 SQL templates with StrictUndefined; identifiers only through psycopg.sql quoting."""
+
+from __future__ import annotations
+
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import jinja2
+from psycopg import sql
+
+import sql_templates
+from orchestrator.names import QualifiedName
+
+TEMPLATE_DIR = Path(sql_templates.__file__).parent
+STEP_MARK = "-- step:"
+
+
+def _ident(value: str | QualifiedName | tuple[str, ...] | list[str]) -> str:
+    """Quote a name (or a qualified name) through psycopg.sql.Identifier."""
+    if isinstance(value, QualifiedName):
+        return value.ident().as_string(None)
+    if isinstance(value, (tuple, list)):
+        return sql.Identifier(*value).as_string(None)
+    return sql.Identifier(value).as_string(None)
+
+
+def _idents(values: list[str], prefix: str = "") -> str:
+    """Comma list of quoted names, optionally qualified by an alias (`o.` for o."id")."""
+    return ", ".join(prefix + _ident(v) for v in values)
+
+
+def _literal(value: Any) -> str:
+    return sql.Literal(value).as_string(None)
+
+
+@cache
+def environment() -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(TEMPLATE_DIR)),
+        undefined=jinja2.StrictUndefined,
+        autoescape=False,
+        keep_trailing_newline=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters["ident"] = _ident
+    env.filters["idents"] = _idents
+    env.filters["literal"] = _literal
+    return env
+
+
+def render(template: str, **context: Any) -> str:
+    return environment().get_template(template).render(**context)
+
+
+def render_steps(template: str, **context: Any) -> list[tuple[str, str]]:
+    """Render a template whose statements are each introduced by `-- step: <what>`."""
+    steps: list[tuple[str, str]] = []
+    description: str | None = None
+    lines: list[str] = []
+    for line in render(template, **context).splitlines():
+        if line.startswith(STEP_MARK):
+            if description is not None:
+                steps.append((description, _clean(lines)))
+            description, lines = line[len(STEP_MARK):].strip(), []
+        elif description is not None:
+            lines.append(line)
+    if description is not None:
+        steps.append((description, _clean(lines)))
+    return [s for s in steps if s[1]]
+
+
+def _clean(lines: list[str]) -> str:
+    text = "\n".join(line.rstrip() for line in lines).strip()
+    return text.removesuffix(";").rstrip()
