@@ -18,7 +18,7 @@ from psycopg import errors as pgerrors
 
 from orchestrator import log
 from orchestrator.errors import DatabaseError
-from orchestrator.render import render
+from orchestrator.render import as_server_text, render
 
 Conn = psycopg.Connection[Any]
 
@@ -62,9 +62,12 @@ class Executor:
                 lines.append(f"SET LOCAL lock_timeout = {_quote(unit.lock_timeout)};")
         for statement in unit.statements:
             lines.append(f"-- {statement.description}")
+            text = statement.sql
             if statement.params is not None:
-                lines.append("-- parameters: " + ", ".join(map(str, statement.params)))
-            lines.append(statement.sql + ";")
+                lines.append("-- parameters: " + ", ".join(
+                    f"${i} = {p}" for i, p in enumerate(statement.params, start=1)))
+                text = as_server_text(text)
+            lines.append(text + ";")
         if unit.atomic:
             lines.append("COMMIT;")
         self.out.write("\n".join(lines) + "\n\n")

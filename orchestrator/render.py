@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,17 @@ def _idents(values: list[str], prefix: str = "") -> str:
     return ", ".join(prefix + _ident(v) for v in values)
 
 
+def _pct(expression: str) -> str:
+    """Escape `%` in SQL text that runs with bound parameters (psycopg reads `%` as a placeholder)."""
+    return expression.replace("%", "%%")
+
+
+def as_server_text(query: str) -> str:
+    """A parameterized query as the server receives it: `%s` -> `$n`, `%%` -> `%`."""
+    counter = iter(range(1, 10_000))
+    return re.sub(r"%%|%s", lambda m: "%" if m.group(0) == "%%" else f"${next(counter)}", query)
+
+
 def _literal(value: Any) -> str:
     return sql.Literal(value).as_string(None)
 
@@ -47,6 +59,7 @@ def environment() -> jinja2.Environment:
     env.filters["ident"] = _ident
     env.filters["idents"] = _idents
     env.filters["literal"] = _literal
+    env.filters["pct"] = _pct
     return env
 
 

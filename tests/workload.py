@@ -1,0 +1,115 @@
+"""A mixed writer workload on a blue table: inserts, updates, deletes, key updates, multi-row
+statements and rolled-back transactions, from several threads each on its own connection."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import psycopg
+from psycopg import errors as pgerrors
+
+RETRIED = (pgerrors.DeadlockDetected, pgerrors.SerializationFailure, pgerrors.LockNotAvailable)
+
+
+@dataclass(frozen=True)
+class TableOps:
+    """SQL for each kind of write; `%(k)s` is an existing key picked at random."""
+
+    pick_key: str
+    insert: str
+    insert_many: str
+    update: str
+    update_many: str
+    delete: str
+    key_update: str
+
+
+ORDERS = TableOps(
+    pick_key="SELECT id FROM public.orders WHERE id >= %(r)s ORDER BY id LIMIT 1",
+    insert="INSERT INTO public.orders (customer_id, amount, state, note) VALUES (%(r)s %% 997, %(r)s %% 5000, 'new', 'w')",
+    insert_many="""INSERT INTO public.orders (customer_id, amount, state, note)
+                   SELECT g, g * 3, 'paid', NULL FROM generate_series(1, 5) g""",
+    update="UPDATE public.orders SET amount = amount + 1, state = 'paid', note = 'u' || %(r)s WHERE id = %(k)s",
+    update_many="UPDATE public.orders SET note = NULL, amount = amount + 2 WHERE id BETWEEN %(k)s AND %(k)s + 5",
+    delete="DELETE FROM public.orders WHERE id = %(k)s",
+    key_update="UPDATE public.orders SET id = nextval('public.orders_id_seq') WHERE id = %(k)s",
+)
+
+SESSIONS = TableOps(
+    pick_key="SELECT token FROM public.sessions WHERE token >= md5(%(r)s::text)::uuid ORDER BY token LIMIT 1",
+    insert="INSERT INTO public.sessions (token, account_id, payload) VALUES (gen_random_uuid(), %(r)s, '{\"w\": 1}')",
+    insert_many="""INSERT INTO public.sessions (token, account_id, payload)
+                   SELECT gen_random_uuid(), g, NULL FROM generate_series(1, 5) g""",
+    update="UPDATE public.sessions SET account_id = account_id + 1, payload = '{\"u\": 2}' WHERE token = %(k)s",
+    update_many="UPDATE public.sessions SET payload = NULL WHERE token >= %(k)s AND token < %(k)s::text::uuid "
+                "OR token = %(k)s",
+    delete="DELETE FROM public.sessions WHERE token = %(k)s",
+    key_update="UPDATE public.sessions SET token = gen_random_uuid() WHERE token = %(k)s",
+)
+
+
+@dataclass
+class Workload:
+    dsn: str
+    ops: TableOps
+    writers: int = 4
+    key_space: int = 100_000
+    pause: float = 0.002
+    stop: threading.Event = field(default_factory=threading.Event)
+    counts: Counter[str] = field(default_factory=Counter)
+    errors: list[str] = field(default_factory=list)
+    retried: int = 0
+    _threads: list[threading.Thread] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def start(self) -> Workload:
+        for i in range(self.writers):
+            thread = threading.Thread(target=self._run, args=(i,), daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        return self
+
+    def finish(self) -> None:
+        self.stop.set()
+        for thread in self._threads:
+            thread.join(timeout=60)
+
+    def _run(self, number: int) -> None:
+        rng = random.Random(number)
+        with psycopg.connect(self.dsn, application_name=f"test writer {number}") as conn:
+            while not self.stop.is_set():
+                kind = rng.choice(["insert", "insert_many", "update", "update_many", "delete", "key_update",
+                                   "rollback", "update", "insert"])
+                params = {"r": rng.randrange(1, self.key_space)}
+                try:
+                    with conn.transaction():
+                        row = conn.execute(self.ops.pick_key, params).fetchone()
+                        if row is None and kind not in ("insert", "insert_many"):
+                            continue
+                        params["k"] = row[0] if row else None
+                        if kind == "rollback":
+                            conn.execute(self.ops.update, params)
+                            conn.execute(self.ops.insert, params)
+                            conn.execute(self.ops.delete, params)
+                            raise _Rollback
+                        conn.execute(getattr(self.ops, kind), params)
+                    with self._lock:
+                        self.counts[kind] += 1
+                except _Rollback:
+                    with self._lock:
+                        self.counts["rollback"] += 1
+                except RETRIED:
+                    with self._lock:
+                        self.retried += 1
+                except psycopg.Error as error:
+                    with self._lock:
+                        self.errors.append(f"{kind}: {type(error).__name__}: {error}")
+                time.sleep(self.pause)
+
+
+class _Rollback(Exception):
+    pass
