@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 from typing import Annotated
 
+import psycopg
 import typer
 
 from orchestrator import commands, db
@@ -85,6 +86,11 @@ def main() -> None:
     except KeyboardInterrupt:
         console.print("FAILED: interrupted", style="red")
         sys.exit(130)
+    except psycopg.Error as error:
+        message = error.diag.message_primary or str(error)
+        console.print(f"FAILED: database error: {db.redact(message.strip())}", style="red", markup=False,
+                      highlight=False)
+        sys.exit(3)
     except typer.Exit as done:
         sys.exit(done.exit_code)
     except typer.Abort:

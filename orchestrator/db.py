@@ -8,7 +8,7 @@ import re
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from orchestrator.errors import DatabaseError, UsageError
+from orchestrator.errors import DatabaseError
 
 _secrets: set[str] = set()
 

@@ -103,7 +103,10 @@ class Executor:
         results: list[list[tuple[Any, ...]]] = []
         timings: list[tuple[Statement, float]] = []
         if not unit.atomic:
-            self.conn.autocommit = True
+            was_autocommit = self.conn.autocommit
+            if not was_autocommit:
+                self.conn.rollback()
+                self.conn.autocommit = True
             try:
                 for statement in unit.statements:
                     started = time.perf_counter()
@@ -111,7 +114,8 @@ class Executor:
                     timings.append((statement, time.perf_counter() - started))
                     self._record(unit, [timings[-1]])
             finally:
-                self.conn.autocommit = False
+                if not was_autocommit and not self.conn.closed:
+                    self.conn.autocommit = False
             return results
         with self.conn.transaction():
             if unit.lock_timeout:
@@ -159,16 +163,14 @@ class Executor:
         try:
             if self.conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
                 self.conn.rollback()
-            self.conn.autocommit = True
             if self._journal_exists(self.conn):
                 insert = render("journal_event.sql.j2", schema=self.state_schema)
                 self.conn.execute(insert, (self.migration, unit.phase, unit.title, None, None,
                                            "error", _describe(error)))
+            if not self.conn.autocommit:
+                self.conn.commit()
         except psycopg.Error:
             pass
-        finally:
-            if not self.conn.closed:
-                self.conn.autocommit = False
 
 
 def _quote(text: str) -> str:

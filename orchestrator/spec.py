@@ -115,7 +115,7 @@ def build_spec(plan: Plan, blue: TableInfo, state_schema: str = DEFAULT_STATE_SC
             named = bare_column(col.from_)
             bare = named if named is not None and blue.column(named) else None
             if named is not None and bare is None:
-                problems.append(f"columns[{i}].from: blue table {blue.name} has no column {named!r}")
+                problems.append(f"columns[{i}].from: blue table {blue.name.display()} has no column {named!r}")
         if bare is not None:
             bare_of[col.name] = bare
         if source_expr is None and col.not_null and col.default is None:
@@ -139,7 +139,7 @@ def build_spec(plan: Plan, blue: TableInfo, state_schema: str = DEFAULT_STATE_SC
         if reverse_expr is None and bare is not None and reverse_column == bare:
             reverse_expr = quote_ident(col.name)
         if col.reverse is not None and (reverse_column is None or blue.column(reverse_column) is None):
-            problems.append(f"columns[{i}].reverse_column: blue table {blue.name} has no column "
+            problems.append(f"columns[{i}].reverse_column: blue table {blue.name.display()} has no column "
                             f"{reverse_column!r} to feed; set reverse_column")
         columns.append(GreenColumn(
             name=col.name, type=col.type, not_null=col.not_null, source_expr=source_expr, default=default,
@@ -148,13 +148,13 @@ def build_spec(plan: Plan, blue: TableInfo, state_schema: str = DEFAULT_STATE_SC
 
     # Every blue column must get a value after cutover, or be allowed to go without one.
     fed: dict[str, str] = {}
-    for col in columns:
-        if col.reverse_column is None:
+    for green_col in columns:
+        if green_col.reverse_column is None:
             continue
-        if col.reverse_column in fed:
-            problems.append(f"columns: blue column {col.reverse_column!r} is fed by both "
-                            f"{fed[col.reverse_column]!r} and {col.name!r}")
-        fed[col.reverse_column] = col.name
+        if green_col.reverse_column in fed:
+            problems.append(f"columns: blue column {green_col.reverse_column!r} is fed by both "
+                            f"{fed[green_col.reverse_column]!r} and {green_col.name!r}")
+        fed[green_col.reverse_column] = green_col.name
     for bcol in blue.columns:
         if bcol.name not in fed and bcol.not_null and not bcol.has_default:
             problems.append(f"columns: blue column {bcol.name!r} is NOT NULL without a default and no "
@@ -165,7 +165,7 @@ def build_spec(plan: Plan, blue: TableInfo, state_schema: str = DEFAULT_STATE_SC
     if not green_key:
         pk = blue.primary_key
         if pk is None:
-            problems.append(f"key: source {blue.name} has no primary key; set `key` to green columns "
+            problems.append(f"key: source {blue.name.display()} has no primary key; set `key` to green columns "
                             f"copied from blue columns with a unique index")
         else:
             inverse = {b: g for g, b in bare_of.items()}
@@ -187,14 +187,14 @@ def build_spec(plan: Plan, blue: TableInfo, state_schema: str = DEFAULT_STATE_SC
             problems.append(f"key: blue columns {blue_key} have no valid unique index "
                             f"(non-partial, non-deferrable) on exactly those columns")
         for name in blue_key:
-            bcol = blue.column(name)
-            if bcol is not None and not bcol.not_null:
+            key_col = blue.column(name)
+            if key_col is not None and not key_col.not_null:
                 problems.append(f"key: blue key column {name!r} is nullable")
         for i, gk in enumerate(green_key):
             gcol = next(c for c in plan.columns if c.name == gk)
             if not gcol.not_null:
                 problems.append(f"key[{i}]: green key column {gk!r} must be not_null: true")
-    blue_key_types = [blue.column(k).type for k in blue_key if blue.column(k) is not None]  # type: ignore[union-attr]
+    blue_key_types = [c.type for c in (blue.column(k) for k in blue_key) if c is not None]
 
     indexes = [
         IndexSpec(name=ix.name or fit_name(f"{green.name}_{'_'.join(ix.columns)}", "_idx"),

@@ -30,7 +30,8 @@ class TableOps:
 
 ORDERS = TableOps(
     pick_key="SELECT id FROM public.orders WHERE id >= %(r)s ORDER BY id LIMIT 1",
-    insert="INSERT INTO public.orders (customer_id, amount, state, note) VALUES (%(r)s %% 997, %(r)s %% 5000, 'new', 'w')",
+    insert="INSERT INTO public.orders (customer_id, amount, state, note) "
+           "VALUES (%(r)s %% 997, %(r)s %% 5000, 'new', 'w')",
     insert_many="""INSERT INTO public.orders (customer_id, amount, state, note)
                    SELECT g, g * 3, 'paid', NULL FROM generate_series(1, 5) g""",
     update="UPDATE public.orders SET amount = amount + 1, state = 'paid', note = 'u' || %(r)s WHERE id = %(k)s",
@@ -45,8 +46,8 @@ SESSIONS = TableOps(
     insert_many="""INSERT INTO public.sessions (token, account_id, payload)
                    SELECT gen_random_uuid(), g, NULL FROM generate_series(1, 5) g""",
     update="UPDATE public.sessions SET account_id = account_id + 1, payload = '{\"u\": 2}' WHERE token = %(k)s",
-    update_many="UPDATE public.sessions SET payload = NULL WHERE token >= %(k)s AND token < %(k)s::text::uuid "
-                "OR token = %(k)s",
+    update_many="""UPDATE public.sessions SET payload = NULL
+                   WHERE token IN (SELECT token FROM public.sessions WHERE token >= %(k)s ORDER BY token LIMIT 5)""",
     delete="DELETE FROM public.sessions WHERE token = %(k)s",
     key_update="UPDATE public.sessions SET token = gen_random_uuid() WHERE token = %(k)s",
 )

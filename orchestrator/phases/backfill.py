@@ -156,8 +156,8 @@ def next_range(conn: Conn, executor: Executor, sqls: BatchSql, spec: MigrationSp
         assert chunk.hi is not None and chunk.step is not None
         high = int(chunk.hi[0])
         start = int(lower[0]) if lower is not None else -INTEGER_TYPES[spec.blue_key_types[0]] - 1
-        upper = min(start + int(chunk.step), high)
-        return lower, [str(upper)], upper >= high
+        upper_key = min(start + int(chunk.step), high)
+        return lower, [str(upper_key)], upper_key >= high
     statement = sqls.get("next", lower is not None, chunk.hi is not None)
     rows = executor.execute(conn, _with(statement, [*(lower or []), *(chunk.hi or [])]))
     if rows:
@@ -273,7 +273,8 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 
 
 def _progress() -> Progress:
-    return Progress(TextColumn("[bold]backfill"), BarColumn(), TextColumn("{task.completed:,.0f}/{task.total:,.0f} rows"),
+    return Progress(TextColumn("[bold]backfill"), BarColumn(),
+                    TextColumn("{task.completed:,.0f}/{task.total:,.0f} rows"),
                     TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"),
                     TimeRemainingColumn(), console=log.console, transient=False)
 
@@ -365,16 +366,25 @@ def index_units(conn: Conn | None, spec: MigrationSpec) -> list[Unit]:
 
 
 def build_indexes(conn: Conn, executor: Executor, spec: MigrationSpec) -> None:
-    conn.execute("SELECT pg_advisory_lock(%s, hashtext(%s))", [LOCK_CLASS, spec.name + ":indexes"])
+    """One process builds; others poll (a waiting lock request would itself block CONCURRENTLY)."""
+    key = [LOCK_CLASS, spec.name + ":indexes"]
     conn.commit()
+    conn.autocommit = True
     try:
-        for unit in index_units(conn, spec):
-            conn.commit()
-            log.info(f"building {len(unit.statements)} deferred index statement(s) CONCURRENTLY")
-            executor.run(unit)
+        while True:
+            row = conn.execute("SELECT pg_try_advisory_lock(%s, hashtext(%s))", key).fetchone()
+            if row and row[0]:
+                break
+            time.sleep(0.5)
+        try:
+            for unit in index_units(conn, spec):
+                log.info(f"building {len(unit.statements)} deferred index statement(s) CONCURRENTLY")
+                executor.run(unit)
+        finally:
+            conn.execute("SELECT pg_advisory_unlock(%s, hashtext(%s))", key)
     finally:
-        conn.execute("SELECT pg_advisory_unlock(%s, hashtext(%s))", [LOCK_CLASS, spec.name + ":indexes"])
-        conn.commit()
+        if not conn.closed and conn.autocommit:
+            conn.autocommit = False
 
 
 def print_plan(conn: Conn, spec: MigrationSpec, settings: Settings) -> None:

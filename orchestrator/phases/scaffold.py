@@ -10,6 +10,7 @@ import yaml
 
 from orchestrator import catalog
 from orchestrator.errors import PlanError
+from orchestrator.names import QualifiedName
 
 Conn = psycopg.Connection[Any]
 
@@ -49,7 +50,7 @@ def plan_yaml(conn: Conn, table: str) -> str:
         """SELECT conname, regexp_replace(pg_get_constraintdef(oid), '^CHECK \\((.*)\\)( NOT VALID)?$', '\\1')
              FROM pg_constraint WHERE conrelid = %s AND contype = 'c' ORDER BY conname""", [oid])]
     plan: dict[str, Any] = {"name": f"{name}_v2"[:40], "source": str(info.name),
-                            "target": str(catalog.QualifiedName(info.name.schema, f"{info.name.name}_v2"))}
+                            "target": str(QualifiedName(info.name.schema, f"{info.name.name}_v2"))}
     if info.primary_key is None:
         plan["key"] = ["<set me: a unique, NOT NULL key>"]
     plan["columns"] = columns

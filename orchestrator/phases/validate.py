@@ -38,7 +38,7 @@ def validate_live(conn: Conn, plan: Plan, state_schema: str) -> Validation:
         raise PlanError([f"source: table {plan.source} does not exist"])
     blue = catalog.load_table(conn, oid)
     if blue.relkind != "r":
-        raise PlanError([f"source: {blue.name} is a {RELKINDS.get(blue.relkind, blue.relkind)}, "
+        raise PlanError([f"source: {blue.name.display()} is a {RELKINDS.get(blue.relkind, blue.relkind)}, "
                          f"not a plain table"])
     spec, problems = build_spec(plan, blue, state_schema)
     if spec is None:
@@ -50,7 +50,8 @@ def validate_live(conn: Conn, plan: Plan, state_schema: str) -> Validation:
     for field, name in (("target", spec.green), ("cutover.retired_name", spec.retired)):
         kind = catalog.relation_exists(conn, name)
         if kind and not ours:
-            problems.append(f"{field}: {name} already exists ({RELKINDS.get(kind, 'table')}); choose a free name")
+            what = RELKINDS.get(kind, "table")
+            problems.append(f"{field}: {name.display()} already exists ({what}); choose a free name")
     for col in spec.columns:
         if col.sequence and catalog.relation_exists(conn, QualifiedName(spec.green.schema, col.sequence)) \
                 and not ours:
@@ -90,7 +91,7 @@ def typecheck(conn: Conn, plan: Plan, spec: MigrationSpec, blue: TableInfo) -> l
                     if field == "columns":
                         break
     except psycopg.errors.LockNotAvailable:
-        problems.append(f"source: {blue.name} is locked by another session; try again")
+        problems.append(f"source: {blue.name.display()} is locked by another session; try again")
     return problems
 
 

@@ -1,0 +1,146 @@
+-- state journal
+BEGIN;
+-- serialize journal creation between concurrent bgsync processes
+SELECT pg_advisory_xact_lock(hashtext('bgsync journal'));
+-- state schema
+CREATE SCHEMA IF NOT EXISTS "bgsync";
+-- migrations and their phase
+CREATE TABLE IF NOT EXISTS "bgsync"."migrations" (
+    name        text PRIMARY KEY,
+    source      text NOT NULL,
+    target      text NOT NULL,
+    phase       text NOT NULL,
+    plan_hash   text NOT NULL,
+    plan        jsonb NOT NULL,
+    spec        jsonb NOT NULL,
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    updated_at  timestamptz NOT NULL DEFAULT now()
+);
+-- only one active migration per source table
+CREATE UNIQUE INDEX IF NOT EXISTS migrations_one_active_per_source
+    ON "bgsync"."migrations" (source) WHERE phase NOT IN ('rolled_back', 'finalized');
+-- backfill chunks; progress is committed with the rows it describes
+CREATE TABLE IF NOT EXISTS "bgsync"."chunks" (
+    migration    text NOT NULL REFERENCES "bgsync"."migrations" (name) ON DELETE CASCADE,
+    chunk_no     integer NOT NULL,
+    lo           text[],
+    hi           text[],
+    cursor       text[],
+    step         numeric,
+    done         boolean NOT NULL DEFAULT false,
+    rows_copied  bigint NOT NULL DEFAULT 0,
+    rows_seen    bigint NOT NULL DEFAULT 0,
+    batches      integer NOT NULL DEFAULT 0,
+    started_at   timestamptz,
+    finished_at  timestamptz,
+    PRIMARY KEY (migration, chunk_no)
+);
+-- event log of every statement run
+CREATE TABLE IF NOT EXISTS "bgsync"."events" (
+    id           bigserial PRIMARY KEY,
+    at           timestamptz NOT NULL DEFAULT clock_timestamp(),
+    migration    text,
+    phase        text,
+    step         text,
+    statement    text,
+    duration_ms  numeric,
+    outcome      text NOT NULL,
+    detail       text,
+    backend_pid  integer NOT NULL DEFAULT pg_backend_pid()
+);
+-- journal format version
+COMMENT ON SCHEMA "bgsync" IS 'bgsync state (format 1)';
+COMMIT;
+
+-- prepare orders_v2: green "public"."orders_v2" and forward triggers on "public"."orders"
+BEGIN;
+SET LOCAL lock_timeout = '2s';
+-- green's own sequence for id (blue's is orders_id_seq)
+CREATE SEQUENCE "public"."orders_v2_id_seq";
+-- create green "public"."orders_v2" (secondary indexes are deferred to the end of the backfill)
+CREATE TABLE "public"."orders_v2" (
+    "id" bigint NOT NULL DEFAULT nextval('"public"."orders_v2_id_seq"'::regclass),
+    "customer_id" bigint NOT NULL,
+    "total_amount" numeric(12,2) NOT NULL,
+    "status" text NOT NULL DEFAULT 'new',
+    "note" text,
+    "created_at" timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT "orders_total_amount_nonneg" CHECK (total_amount >= 0),
+    CONSTRAINT "orders_v2_pkey" PRIMARY KEY ("id")
+);
+-- the sequence belongs to green's column
+ALTER SEQUENCE "public"."orders_v2_id_seq" OWNED BY "public"."orders_v2"."id";
+-- copy grant INSERT to app_rw
+GRANT INSERT ON "public"."orders_v2" TO "app_rw";
+-- copy grant SELECT to app_rw
+GRANT SELECT ON "public"."orders_v2" TO "app_rw";
+-- sequence usage for app_rw, who may write blue
+GRANT USAGE, SELECT ON SEQUENCE "public"."orders_v2_id_seq" TO "app_rw";
+-- forward sync function: mirrors each statement on blue into green, in the same transaction
+CREATE OR REPLACE FUNCTION "bgsync"."orders_v2_forward"() RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = "pg_catalog", "public", "pg_temp"
+AS $bgsync_body$
+BEGIN
+    IF TG_OP = 'INSERT' THEN
+        INSERT INTO "public"."orders_v2" AS g ("id", "customer_id", "total_amount", "status", "note", "created_at") OVERRIDING SYSTEM VALUE
+        SELECT "id", "customer_id", amount::numeric(12,2), state, "note", "created_at"
+          FROM bgsync_new_rows
+        ON CONFLICT ("id") DO UPDATE
+           SET "customer_id" = EXCLUDED."customer_id", "total_amount" = EXCLUDED."total_amount", "status" = EXCLUDED."status", "note" = EXCLUDED."note", "created_at" = EXCLUDED."created_at";
+    ELSIF TG_OP = 'UPDATE' THEN
+        -- rows whose key changed leave their old key behind in green
+        DELETE FROM "public"."orders_v2" AS g
+         USING bgsync_old_rows AS o
+         WHERE (g."id") = (o."id")
+           AND NOT EXISTS (SELECT FROM bgsync_new_rows AS n
+                            WHERE (n."id") = (o."id"));
+        INSERT INTO "public"."orders_v2" AS g ("id", "customer_id", "total_amount", "status", "note", "created_at") OVERRIDING SYSTEM VALUE
+        SELECT "id", "customer_id", amount::numeric(12,2), state, "note", "created_at"
+          FROM bgsync_new_rows
+        ON CONFLICT ("id") DO UPDATE
+           SET "customer_id" = EXCLUDED."customer_id", "total_amount" = EXCLUDED."total_amount", "status" = EXCLUDED."status", "note" = EXCLUDED."note", "created_at" = EXCLUDED."created_at";
+    ELSIF TG_OP = 'DELETE' THEN
+        DELETE FROM "public"."orders_v2" AS g
+         USING bgsync_old_rows AS o
+         WHERE (g."id") = (o."id");
+    ELSIF TG_OP = 'TRUNCATE' THEN
+        TRUNCATE "public"."orders_v2";
+    END IF;
+    RETURN NULL;
+END
+$bgsync_body$;
+-- forward trigger for INSERT
+CREATE TRIGGER "bgsync_orders_v2_fwd_ins" AFTER INSERT ON "public"."orders"
+    REFERENCING NEW TABLE AS bgsync_new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION "bgsync"."orders_v2_forward"();
+-- forward trigger for UPDATE (including key changes)
+CREATE TRIGGER "bgsync_orders_v2_fwd_upd" AFTER UPDATE ON "public"."orders"
+    REFERENCING OLD TABLE AS bgsync_old_rows NEW TABLE AS bgsync_new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION "bgsync"."orders_v2_forward"();
+-- forward trigger for DELETE
+CREATE TRIGGER "bgsync_orders_v2_fwd_del" AFTER DELETE ON "public"."orders"
+    REFERENCING OLD TABLE AS bgsync_old_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION "bgsync"."orders_v2_forward"();
+-- forward trigger for TRUNCATE
+CREATE TRIGGER "bgsync_orders_v2_fwd_trunc" AFTER TRUNCATE ON "public"."orders"
+    FOR EACH STATEMENT EXECUTE FUNCTION "bgsync"."orders_v2_forward"();
+-- keep the ins trigger firing under session_replication_role = replica
+ALTER TABLE "public"."orders" ENABLE ALWAYS TRIGGER "bgsync_orders_v2_fwd_ins";
+-- keep the upd trigger firing under session_replication_role = replica
+ALTER TABLE "public"."orders" ENABLE ALWAYS TRIGGER "bgsync_orders_v2_fwd_upd";
+-- keep the del trigger firing under session_replication_role = replica
+ALTER TABLE "public"."orders" ENABLE ALWAYS TRIGGER "bgsync_orders_v2_fwd_del";
+-- keep the trunc trigger firing under session_replication_role = replica
+ALTER TABLE "public"."orders" ENABLE ALWAYS TRIGGER "bgsync_orders_v2_fwd_trunc";
+-- register the migration (refused by a unique index if another one is active on the source)
+INSERT INTO "bgsync"."migrations" (name, source, target, phase, plan_hash, plan, spec)
+VALUES ('orders_v2', '"public"."orders"', '"public"."orders_v2"', 'prepared', '2417f09cd3152dee',
+        '{"checks": [{"expression": "total_amount >= 0", "name": "orders_total_amount_nonneg"}], "columns": [{"default": null, "from": null, "name": "id", "not_null": true, "reverse": null, "reverse_column": null, "type": "bigint"}, {"default": null, "from": null, "name": "customer_id", "not_null": true, "reverse": null, "reverse_column": null, "type": "bigint"}, {"default": null, "from": "amount::numeric(12,2)", "name": "total_amount", "not_null": true, "reverse": "round(total_amount)::integer", "reverse_column": "amount", "type": "numeric(12,2)"}, {"default": "''new''", "from": "state", "name": "status", "not_null": true, "reverse": null, "reverse_column": null, "type": "text"}, {"default": null, "from": null, "name": "note", "not_null": false, "reverse": null, "reverse_column": null, "type": "text"}, {"default": "now()", "from": null, "name": "created_at", "not_null": true, "reverse": null, "reverse_column": null, "type": "timestamptz"}], "cutover": {"mode": "rename", "retired_name": "orders_old"}, "indexes": [{"columns": ["customer_id"], "name": null, "unique": false, "where": null}, {"columns": ["status"], "name": null, "unique": false, "where": "status <> ''void''"}], "key": ["id"], "name": "orders_v2", "source": "public.orders", "target": "public.orders_v2"}'::jsonb,  E'{"blue": {"name": "orders", "schema": "public"}, "blue_key": ["id"], "blue_key_types": ["bigint"], "blue_owner": "postgres", "checks": [{"expression": "total_amount >= 0", "name": "orders_total_amount_nonneg"}], "columns": [{"blue_sequence": "orders_id_seq", "default": "nextval(''\\"public\\".\\"orders_v2_id_seq\\"''::regclass)", "identity": "", "name": "id", "not_null": true, "reverse_column": "id", "reverse_expr": "\\"id\\"", "sequence": "orders_v2_id_seq", "source_expr": "\\"id\\"", "type": "bigint"}, {"blue_sequence": null, "default": null, "identity": "", "name": "customer_id", "not_null": true, "reverse_column": "customer_id", "reverse_expr": "\\"customer_id\\"", "sequence": null, "source_expr": "\\"customer_id\\"", "type": "bigint"}, {"blue_sequence": null, "default": null, "identity": "", "name": "total_amount", "not_null": true, "reverse_column": "amount", "reverse_expr": "round(total_amount)::integer", "sequence": null, "source_expr": "amount::numeric(12,2)", "type": "numeric(12,2)"}, {"blue_sequence": null, "default": "''new''", "identity": "", "name": "status", "not_null": true, "reverse_column": "state", "reverse_expr": "\\"status\\"", "sequence": null, "source_expr": "state", "type": "text"}, {"blue_sequence": null, "default": null, "identity": "", "name": "note", "not_null": false, "reverse_column": "note", "reverse_expr": "\\"note\\"", "sequence": null, "source_expr": "\\"note\\"", "type": "text"}, {"blue_sequence": null, "default": "now()", "identity": "", "name": "created_at", "not_null": true, "reverse_column": "created_at", "reverse_expr": "\\"created_at\\"", "sequence": null, "source_expr": "\\"created_at\\"", "type": "timestamptz"}], "forward_function": {"name": "orders_v2_forward", "schema": "bgsync"}, "grants": [["app_rw", "INSERT", false], ["app_rw", "SELECT", false]], "green": {"name": "orders_v2", "schema": "public"}, "green_key": ["id"], "indexes": [{"columns": ["customer_id"], "name": "orders_v2_customer_id_idx", "unique": false, "where": null}, {"columns": ["status"], "name": "orders_v2_status_idx", "unique": false, "where": "status <> ''void''"}], "name": "orders_v2", "plan_hash": "2417f09cd3152dee", "primary_key_name": "orders_v2_pkey", "retired": {"name": "orders_old", "schema": "public"}, "search_path": ["pg_catalog", "public", "pg_temp"], "state_schema": "bgsync", "triggers": {"del": "bgsync_orders_v2_fwd_del", "ins": "bgsync_orders_v2_fwd_ins", "trunc": "bgsync_orders_v2_fwd_trunc", "upd": "bgsync_orders_v2_fwd_upd"}}'::jsonb)
+ON CONFLICT (name) DO UPDATE
+   SET phase = 'prepared', plan_hash = EXCLUDED.plan_hash, plan = EXCLUDED.plan, spec = EXCLUDED.spec,
+       source = EXCLUDED.source, target = EXCLUDED.target, updated_at = now()
+ WHERE "bgsync"."migrations".phase IN ('rolled_back', 'finalized')
+RETURNING name;
+COMMIT;
+

@@ -1,0 +1,118 @@
+"""A DML-only role writes through the trigger (acceptance 5); the journal detects an edited plan;
+two backfill processes on one plan cooperate; dry runs change nothing."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import psycopg
+from psycopg import sql
+from psycopg.conninfo import make_conninfo
+
+from tests.helpers import PLANS, bgsync, load_schema, plan_diff, scalar, seed, spawn_bgsync
+
+
+def test_dml_only_role_keeps_writing_through_the_trigger(dsn: str) -> None:
+    load_schema(dsn)
+    seed(dsn, orders=2_000)
+    role = f"app_writer_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(role)))
+        conn.execute(sql.SQL("GRANT SELECT, INSERT, UPDATE, DELETE ON public.orders TO {}").format(
+            sql.Identifier(role)))
+        conn.execute(sql.SQL("GRANT USAGE ON SEQUENCE public.orders_id_seq TO {}").format(sql.Identifier(role)))
+    try:
+        path = str(PLANS / "orders_v2.yaml")
+        assert bgsync(dsn, "prepare", path).code == 0
+        with psycopg.connect(make_conninfo(dsn, user=role), autocommit=True) as app:
+            assert app.execute("SELECT current_user").fetchone() == (role,)
+            app.execute("SET search_path = pg_catalog")  # the trigger must not rely on the caller's path
+            app.execute("INSERT INTO public.orders (customer_id, amount) VALUES (1, 10), (2, 20)")
+            app.execute("UPDATE public.orders SET amount = amount + 1 WHERE id <= 50")
+            app.execute("UPDATE public.orders SET id = nextval('public.orders_id_seq') WHERE id = 51")
+            app.execute("DELETE FROM public.orders WHERE id BETWEEN 60 AND 70")
+            # green holds exactly the rows the trigger mirrored, with the mapped values
+            green = app.execute("SELECT count(*) FROM public.orders_v2").fetchone()
+            assert green is not None and green[0] == 2 + 50 + 1
+        assert bgsync(dsn, "backfill", path).code == 0
+        assert plan_diff(dsn, "orders_v2") == []
+        # the role's grants on blue were copied to green
+        privileges = scalar(dsn, "SELECT string_agg(privilege_type, ',' ORDER BY privilege_type) FROM "
+                                 "information_schema.role_table_grants WHERE table_name = 'orders_v2' "
+                                 "AND grantee = %s", [role])
+        assert privileges == "DELETE,INSERT,SELECT,UPDATE"
+    finally:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
+            conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+
+
+def test_trigger_fires_under_replica_role_and_for_truncate(dsn: str) -> None:
+    load_schema(dsn)
+    seed(dsn, orders=500)
+    path = str(PLANS / "orders_v2.yaml")
+    assert bgsync(dsn, "prepare", path).code == 0
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("SET session_replication_role = replica")
+        conn.execute("INSERT INTO public.orders (customer_id, amount) VALUES (7, 70)")
+        assert conn.execute("SELECT count(*) FROM public.orders_v2").fetchone() == (1,)
+        conn.execute("RESET session_replication_role")
+    assert bgsync(dsn, "backfill", path).code == 0
+    assert plan_diff(dsn, "orders_v2") == []
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("TRUNCATE public.orders")
+        assert conn.execute("SELECT count(*) FROM public.orders_v2").fetchone() == (0,)
+
+
+def test_plan_edited_after_prepare_is_refused_with_the_difference(dsn: str, tmp_path: Path) -> None:
+    load_schema(dsn)
+    path = PLANS / "orders_v2.yaml"
+    assert bgsync(dsn, "prepare", str(path)).code == 0
+    edited = tmp_path / "orders_v2.yaml"
+    edited.write_text(path.read_text().replace("round(total_amount)::integer", "trunc(total_amount)::integer"))
+    for command in ("prepare", "backfill"):
+        result = bgsync(dsn, command, str(edited))
+        assert result.code == 1, result.err
+        assert "edited after prepare" in result.err
+        assert "columns[2].reverse" in result.err and "trunc(total_amount)" in result.err
+    # tuning knobs may change freely
+    tuned = tmp_path / "tuned.yaml"
+    tuned.write_text(path.read_text().replace("workers: 4, batch_rows: 10000", "workers: 2, batch_rows: 500"))
+    assert bgsync(dsn, "backfill", str(tuned)).code == 0
+
+
+def test_two_backfill_processes_cooperate(dsn: str) -> None:
+    load_schema(dsn)
+    seed(dsn, orders=60_000)
+    path = str(PLANS / "orders_v2.yaml")
+    assert bgsync(dsn, "prepare", path).code == 0
+    args = ("backfill", path, "--batch-rows", "1000", "--workers", "2", "--max-rows-per-second", "40000")
+    first, second = spawn_bgsync(dsn, *args), spawn_bgsync(dsn, *args)
+    _, err1 = first.communicate(timeout=120)
+    _, err2 = second.communicate(timeout=120)
+    assert first.returncode == 0, err1
+    assert second.returncode == 0, err2
+    assert plan_diff(dsn, "orders_v2") == []
+    # both processes copied batches (their workers' sessions are distinct backends)
+    copiers = scalar(dsn, "SELECT count(DISTINCT backend_pid) FROM bgsync.events WHERE phase = 'backfill' "
+                          "AND detail IS NOT NULL")
+    assert copiers is not None and int(copiers) >= 3  # type: ignore[call-overload]
+    assert scalar(dsn, "SELECT sum(rows_copied) FROM bgsync.chunks") == 60_000
+
+
+def test_dry_runs_change_nothing(dsn: str) -> None:
+    load_schema(dsn)
+    seed(dsn, orders=1_000)
+    path = str(PLANS / "orders_v2.yaml")
+    for args in (("prepare", "--dry-run"), ("backfill", "--dry-run"), ("sql", "--phase", "all")):
+        result = bgsync(dsn, args[0], path, *args[1:])
+        assert result.code == 0, result.err
+        assert "CREATE" in result.out or "INSERT" in result.out
+    assert scalar(dsn, "SELECT to_regnamespace('bgsync')") is None
+    assert scalar(dsn, "SELECT to_regclass('public.orders_v2')") is None
+    # after prepare, a backfill dry run still copies nothing
+    assert bgsync(dsn, "prepare", path).code == 0
+    assert bgsync(dsn, "backfill", path, "--dry-run").code == 0
+    assert scalar(dsn, "SELECT count(*) FROM public.orders_v2") == 0
+    assert scalar(dsn, "SELECT count(*) FROM bgsync.chunks") == 0
