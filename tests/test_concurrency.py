@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from tests.helpers import PLANS, bgsync, load_schema, plan_diff, seed
+from tests.helpers import PLANS, bgsync, load_schema, plan_diff, scalar, seed
 from tests.workload import ORDERS, SESSIONS, TableOps, Workload
 
 CASES = [("orders_v2", ORDERS, {"orders": 60_000}), ("sessions_v2", SESSIONS, {"sessions": 40_000})]
@@ -36,3 +36,37 @@ def test_writers_through_prepare_and_backfill(dsn: str, plan: str, ops: TableOps
     for kind in ("insert", "insert_many", "update", "update_many", "delete", "key_update", "rollback"):
         assert workload.counts[kind] > 0, f"the workload did no {kind}: {workload.counts}"
     assert plan_diff(dsn, plan) == []
+    # batches met ranges the trigger had already written to, and took the path that skips them
+    skipped = scalar(dsn, "SELECT count(*) FROM bgsync.events WHERE step LIKE '%%the trigger already wrote to%%'")
+    assert skipped and int(skipped) > 0  # type: ignore[call-overload]
+
+
+def test_batch_racing_the_trigger_keeps_the_triggers_row(dsn: str) -> None:
+    """An uncommitted update puts row 5 into green while a batch copies row 5's older version:
+    the batch waits, hits unique_violation, reruns ON CONFLICT DO NOTHING and keeps the update."""
+    import psycopg
+
+    from tests.helpers import spawn_bgsync
+
+    load_schema(dsn)
+    seed(dsn, orders=3_000)
+    path = str(PLANS / "orders_v2.yaml")
+    assert bgsync(dsn, "prepare", path).code == 0
+    with psycopg.connect(dsn) as app:
+        app.execute("UPDATE public.orders SET amount = 4242 WHERE id = 5")  # left uncommitted
+        proc = spawn_bgsync(dsn, "backfill", path, "--workers", "1", "--batch-rows", "1000")
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            waiting = scalar(dsn, "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE "
+                                  "'bgsync backfill%%worker%%' AND wait_event_type = 'Lock'")
+            if waiting:
+                break
+            time.sleep(0.05)
+        assert waiting == 1, "the batch never waited on the trigger's uncommitted row"
+        app.commit()
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert scalar(dsn, "SELECT total_amount FROM public.orders_v2 WHERE id = 5") == 4242
+    assert plan_diff(dsn, "orders_v2") == []
+    fallbacks = scalar(dsn, "SELECT count(*) FROM bgsync.events WHERE step LIKE 'copy one batch, after a race%%'")
+    assert fallbacks == 1

@@ -134,13 +134,16 @@ class BatchSql:
 
     spec: MigrationSpec
     batch_rows: int
-    _cache: dict[tuple[str, bool, bool], Statement] = field(default_factory=dict)
+    _cache: dict[tuple[str, bool, bool, str], Statement] = field(default_factory=dict)
 
-    def get(self, kind: str, has_lower: bool, has_upper: bool) -> Statement:
-        key = (kind, has_lower, has_upper)
+    def get(self, kind: str, has_lower: bool, has_upper: bool, mode: str = "") -> Statement:
+        key = (kind, has_lower, has_upper, mode)
         if key not in self._cache:
-            self._cache[key] = _statement(f"backfill_{kind}.sql.j2", spec=self.spec, has_lower=has_lower,
-                                          has_upper=has_upper, batch_rows=self.batch_rows)
+            green_types = {c.name: c.type for c in self.spec.columns}
+            self._cache[key] = _statement(
+                f"backfill_{kind}.sql.j2", spec=self.spec, has_lower=has_lower, has_upper=has_upper,
+                batch_rows=self.batch_rows, mode=mode,
+                green_key_types=[green_types[k] for k in self.spec.green_key])
         return self._cache[key]
 
 
@@ -164,6 +167,22 @@ def next_range(conn: Conn, executor: Executor, sqls: BatchSql, spec: MigrationSp
         upper = [str(v) for v in rows[0]]
         return lower, upper, upper == chunk.hi
     return lower, chunk.hi, True
+
+
+def copy_batch(conn: Conn, executor: Executor, sqls: BatchSql, lower: Key | None, upper: Key | None
+               ) -> tuple[Statement, int]:
+    """Copy (lower, upper]: a plain INSERT where green has nothing of the range yet, else one that
+    skips green's rows; a race with the trigger (unique_violation) reruns it ON CONFLICT DO NOTHING."""
+    has_lower, has_upper = lower is not None, upper is not None
+    bounds = [*(lower or []), *(upper or [])]
+    [(touched,)] = executor.execute(conn, _with(sqls.get("probe", has_lower, has_upper), bounds))
+    copy = sqls.get("copy", has_lower, has_upper, "antijoin" if touched else "plain")
+    try:
+        with conn.transaction():
+            return copy, executor.execute_counted(conn, _with(copy, bounds))[1]
+    except pgerrors.UniqueViolation:
+        copy = sqls.get("copy", has_lower, has_upper, "on_conflict")
+        return copy, executor.execute_counted(conn, _with(copy, bounds))[1]
 
 
 # -- workers -------------------------------------------------------------------------------------
@@ -215,9 +234,8 @@ def worker(shared: Shared, number: int) -> None:
     event = render("journal_event.sql.j2", schema=spec.state_schema)
     retries = 0
     try:
-        # Progress commits with its rows, so losing the last commits in a crash only repeats them.
-        conn.execute("SET synchronous_commit = off")
-        conn.execute("SET lock_timeout = '10s'")
+        for statement in session_statements():
+            executor.execute(conn, statement)
         conn.commit()
         while not shared.stop.is_set():
             try:
@@ -227,9 +245,8 @@ def worker(shared: Shared, number: int) -> None:
                         return
                     chunk = Chunk(*claimed[0])
                     lower, upper, finished = next_range(conn, executor, sqls, spec, chunk)
-                    copy = sqls.get("copy", lower is not None, upper is not None)
                     started = time.perf_counter()
-                    _, inserted = executor.execute_counted(conn, _with(copy, [*(lower or []), *(upper or [])]))
+                    copy, inserted = copy_batch(conn, executor, sqls, lower, upper)
                     elapsed = time.perf_counter() - started
                     executor.execute(conn, _with(progress, [upper, finished, inserted, finished, chunk.chunk_no]))
                     conn.execute(event, [spec.name, "backfill", copy.description, copy.sql,
@@ -270,6 +287,10 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def session_statements() -> list[Statement]:
+    return [Statement(d, s) for d, s in render_steps("backfill_session.sql.j2")]
 
 
 def _progress() -> Progress:
@@ -397,13 +418,18 @@ def print_plan(conn: Conn, spec: MigrationSpec, settings: Settings) -> None:
         _with(_statement("backfill_chunks.sql.j2", spec=spec), ["<partitions as JSON>"]),
         phase_statement(spec, "backfilling"),
     ]
+    printer.run(Unit("settings of each worker's session", session_statements(), atomic=False))
     printer.run(Unit(f"backfill {spec.name}: plan about {partition_count(settings, rows)} partitions "
                      f"({settings.workers} workers, {settings.batch_rows} rows per batch)", plan_unit))
     batch = [_statement("backfill_claim.sql.j2", spec=spec)]
     if not spec.integer_key:
         batch.append(_with(sqls.get("next", True, True), ["<cursor>", "<partition hi>"]))
+    bounds = ["<batch lower (exclusive)>", "<batch upper (inclusive)>"]
     batch += [
-        _with(sqls.get("copy", True, True), ["<batch lower (exclusive)>", "<batch upper (inclusive)>"]),
+        _with(sqls.get("probe", True, True), bounds),
+        _with(sqls.get("copy", True, True, "plain"), bounds),
+        _with(sqls.get("copy", True, True, "antijoin"), bounds),
+        _with(sqls.get("copy", True, True, "on_conflict"), bounds),
         _with(_statement("backfill_progress.sql.j2", spec=spec),
               ["<batch upper>", "<partition done>", "<rows inserted>", "<partition done>", "<partition>"]),
     ]

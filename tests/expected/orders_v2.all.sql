@@ -138,6 +138,16 @@ ON CONFLICT (name) DO UPDATE
 RETURNING name;
 COMMIT;
 
+-- settings of each worker's session
+-- batch progress commits with its rows, so a crash can only lose work that is redone on resume
+SET synchronous_commit = off;
+-- a batch waits at most this long for a row lock held by the application, then retries
+SET lock_timeout = '10s';
+-- probe green by key for each row (green's statistics are stale while it fills)
+SET enable_hashjoin = off;
+-- probe green by key for each row
+SET enable_mergejoin = off;
+
 -- backfill orders_v2: plan about 4 partitions (4 workers, 10000 rows per batch)
 BEGIN;
 -- key range of blue (integer key: partitions are equal key ranges)
@@ -159,16 +169,37 @@ BEGIN;
 SELECT chunk_no, lo, hi, cursor, step
   FROM "bgsync"."chunks"
  WHERE migration = 'orders_v2' AND NOT done
- ORDER BY batches, chunk_no
+ ORDER BY chunk_no
  LIMIT 1
    FOR UPDATE SKIP LOCKED;
--- copy one batch; FOR KEY SHARE keeps a concurrent DELETE or key change from being undone, DO NOTHING keeps the trigger's newer row
+-- does green already hold rows of this batch's range (written by the trigger)?
+-- parameters: $1 = <batch lower (exclusive)>, $2 = <batch upper (inclusive)>
+SELECT EXISTS (SELECT FROM "public"."orders_v2"
+                WHERE ("id") > ($1::bigint)                  AND ("id") <= ($2::bigint)
+);
+-- copy one batch whose range green does not have yet: FOR KEY SHARE keeps a concurrent DELETE or key change from being undone (a race with the trigger raises unique_violation and the batch reruns ON CONFLICT DO NOTHING)
 -- parameters: $1 = <batch lower (exclusive)>, $2 = <batch upper (inclusive)>
 INSERT INTO "public"."orders_v2" ("id", "customer_id", "total_amount", "status", "note", "created_at") OVERRIDING SYSTEM VALUE
 SELECT "id", "customer_id", amount::numeric(12,2), state, "note", "created_at"
   FROM "public"."orders"
- WHERE ("id") > ($1::bigint) AND ("id") <= ($2::bigint)
-   FOR KEY SHARE
+ WHERE ("orders"."id") > ($1::bigint) AND ("orders"."id") <= ($2::bigint)
+   FOR KEY SHARE OF "orders";
+-- copy one batch whose range the trigger already wrote to: FOR KEY SHARE keeps a concurrent DELETE or key change from being undone; rows green has are skipped (a race raises unique_violation and the batch reruns ON CONFLICT DO NOTHING)
+-- parameters: $1 = <batch lower (exclusive)>, $2 = <batch upper (inclusive)>
+INSERT INTO "public"."orders_v2" ("id", "customer_id", "total_amount", "status", "note", "created_at") OVERRIDING SYSTEM VALUE
+SELECT "id", "customer_id", amount::numeric(12,2), state, "note", "created_at"
+  FROM "public"."orders"
+ WHERE ("orders"."id") > ($1::bigint) AND ("orders"."id") <= ($2::bigint)
+   AND NOT EXISTS (SELECT FROM "public"."orders_v2" AS bgsync_green
+                    WHERE (bgsync_green."id") = ("orders"."id"))
+   FOR KEY SHARE OF "orders";
+-- copy one batch, after a race with the trigger: FOR KEY SHARE keeps a concurrent DELETE or key change from being undone; DO NOTHING keeps the trigger's newer row
+-- parameters: $1 = <batch lower (exclusive)>, $2 = <batch upper (inclusive)>
+INSERT INTO "public"."orders_v2" ("id", "customer_id", "total_amount", "status", "note", "created_at") OVERRIDING SYSTEM VALUE
+SELECT "id", "customer_id", amount::numeric(12,2), state, "note", "created_at"
+  FROM "public"."orders"
+ WHERE ("orders"."id") > ($1::bigint) AND ("orders"."id") <= ($2::bigint)
+   FOR KEY SHARE OF "orders"
 ON CONFLICT ("id") DO NOTHING;
 -- record the batch, in the same transaction as its rows
 -- parameters: $1 = <batch upper>, $2 = <partition done>, $3 = <rows inserted>, $4 = <partition done>, $5 = <partition>
