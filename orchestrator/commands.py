@@ -54,6 +54,12 @@ def _spec_for(conn: Conn, plan: Plan, options: Options) -> tuple[MigrationSpec, 
 
 
 # -- verbs -------------------------------------------------------------------------------------
+def demo(rows: int, keep: bool) -> int:
+    from orchestrator import demo as story
+
+    return story.run(rows, keep)
+
+
 def schema() -> None:
     sys.stdout.write(json.dumps(plan_json_schema(), indent=2) + "\n")
 

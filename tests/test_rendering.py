@@ -105,3 +105,22 @@ def test_plan_json_schema_names_every_field() -> None:
     column = schema["$defs"]["Column"]["properties"]
     assert {"from", "reverse", "reverse_column", "default", "not_null", "type", "name"} <= set(column)
     assert schema["$defs"]["Column"]["additionalProperties"] is False
+
+
+def test_readme_plan_reference_covers_the_json_schema() -> None:
+    from orchestrator.plan import plan_json_schema
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    section = readme.split("## Plan file reference", 1)[1].split("\n## ", 1)[0]
+    documented = set()
+    for line in section.splitlines():
+        if line.startswith("| `"):
+            documented.add(line.split("`")[1])
+    schema = plan_json_schema()
+    expected = {f"{name}" for name in schema["properties"]}
+    expected |= {f"columns[].{name}" for name in schema["$defs"]["Column"]["properties"]}
+    missing = {e for e in expected if e not in documented}
+    assert not missing, f"README plan reference lacks {sorted(missing)}"
+    for nested in ("Index", "Check", "Backfill", "Verify", "Cutover"):
+        for name in schema["$defs"][nested]["properties"]:
+            assert name in section, f"README plan reference lacks {nested}.{name}"

