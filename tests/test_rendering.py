@@ -115,7 +115,8 @@ def test_readme_plan_reference_covers_the_json_schema() -> None:
     documented = set()
     for line in section.splitlines():
         if line.startswith("| `"):
-            documented.add(line.split("`")[1])
+            field = line.split("`")[1]
+            documented |= {field, field.removesuffix("[]")}
     schema = plan_json_schema()
     expected = {f"{name}" for name in schema["properties"]}
     expected |= {f"columns[].{name}" for name in schema["$defs"]["Column"]["properties"]}
