@@ -83,7 +83,11 @@ def run(rows: int, keep: bool) -> int:
         options = commands.Options(dsn=dsn)
         story = Story(dsn, plan)
         log.info(f"embedded PostgreSQL started; loading {rows:,} orders")
-        story.step("load sample data", lambda: (load_sample_schema(dsn), seed_sample(dsn, orders=rows)))
+        def load() -> None:
+            load_sample_schema(dsn)
+            seed_sample(dsn, orders=rows)
+
+        story.step("load sample data", load)
         workload = Workload(dsn, ORDERS, writers=4, key_space=rows, pause=0.005).start()
         try:
             story.step("validate", lambda: commands.validate(options, plan))
