@@ -84,6 +84,18 @@ def demo(rows: Annotated[int, typer.Option("--rows", min=1000, help="Rows in the
     raise typer.Exit(commands.demo(rows, keep))
 
 
+@app.command()
+def verify(plan: PlanFile,
+           workers: Annotated[int | None, typer.Option("--workers", min=1, max=64)] = None,
+           as_json: Annotated[bool, typer.Option("--json", help="The report as JSON on stdout.")] = False,
+           repair: Annotated[bool, typer.Option("--repair", help="Re-copy mismatched ranges, then verify again.")]
+           = False,
+           dry_run: DryRun = False, dsn: Dsn = None, state_schema: StateSchema = "bgsync") -> None:
+    """Prove parity: count + checksum per partition in one snapshot; exit 1 with the keys on mismatch."""
+    commands.verify(_options(dsn, state_schema), plan, workers=workers, as_json=as_json, repair=repair,
+                    dry_run=dry_run)
+
+
 def main() -> None:
     """Entry point: BgsyncError becomes `FAILED: ...` and its exit code; passwords never print."""
     try:

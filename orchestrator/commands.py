@@ -13,18 +13,19 @@ from typing import Any
 import psycopg
 
 from orchestrator import catalog, db, log
-from orchestrator.errors import GateRefused, UsageError
+from orchestrator.errors import GateRefused, ParityMismatch, UsageError
 from orchestrator.executor import Executor
 from orchestrator.journal import MigrationRow, get_migration, migration_lock, require_same_plan
 from orchestrator.phases import backfill as backfill_phase
 from orchestrator.phases import scaffold
+from orchestrator.phases import verify as verify_phase
 from orchestrator.phases.prepare import prepare_units
 from orchestrator.phases.validate import Validation, validate_live
 from orchestrator.plan import Plan, load_plan, plan_json_schema
 from orchestrator.spec import DEFAULT_STATE_SCHEMA, MigrationSpec
 
 Conn = psycopg.Connection[Any]
-PHASES_WITH_SQL = ("prepare", "backfill")
+PHASES_WITH_SQL = ("prepare", "backfill", "verify")
 
 
 @dataclass
@@ -109,6 +110,8 @@ def sql(options: Options, plan_path: Path, phase: str) -> None:
                 prepare(options, plan_path, dry_run=True, conn=conn)
             elif name == "backfill":
                 backfill(options, plan_path, dry_run=True, conn=conn)
+            elif name == "verify":
+                verify(options, plan_path, dry_run=True, conn=conn)
         conn.rollback()
 
 
@@ -183,3 +186,71 @@ def backfill(options: Options, plan_path: Path, *, workers: int | None = None, b
     with migration_lock(conn, plan.name, shared=True):
         backfill_phase.run(conn, dsn, spec, settings)
     return None
+
+
+VERIFIABLE = ("backfilled", "verified", "mismatch", "reverted")
+
+
+def _prepared_row(conn: Conn, plan: Plan, options: Options, phases: tuple[str, ...], verb: str) -> MigrationRow:
+    """The journal row of a prepared migration in one of `phases`, checked against the plan."""
+    row = get_migration(conn, options.state_schema, plan.name)
+    if row is None or not row.active:
+        raise GateRefused(f"migration {plan.name} is not prepared; run `bgsync prepare` first")
+    require_same_plan(row, plan)
+    if row.phase not in phases:
+        raise GateRefused(f"migration {plan.name} is {row.phase}; {verb} runs when it is {' or '.join(phases)}")
+    return row
+
+
+def verify(options: Options, plan_path: Path, *, workers: int | None = None, as_json: bool = False,
+           repair: bool = False, dry_run: bool = False, conn: Conn | None = None) -> verify_phase.Report:
+    plan = load_plan(plan_path)
+    if conn is None:
+        with _connection(options, f"verify {plan.name}") as own:
+            return verify(options, plan_path, workers=workers, as_json=as_json, repair=repair, dry_run=dry_run,
+                          conn=own)
+    if dry_run:
+        spec, _ = _spec_for(conn, plan, options)
+        verify_phase.print_plan(conn, spec)
+        conn.rollback()
+        return verify_phase.Report(migration=plan.name)
+    row = _prepared_row(conn, plan, options, VERIFIABLE, "verify")
+    conn.rollback()
+    dsn = db.resolve_dsn(options.dsn)
+    with migration_lock(conn, plan.name, shared=True):
+        report = verify_phase.run(conn, dsn, row.spec, workers or plan.verify.workers)
+        if not report.passed and repair:
+            if not as_json:
+                _print_report(report, as_json)
+            count = verify_phase.repair(conn, row.spec, report)
+            log.info(f"repaired {count} range(s); verifying again")
+            first = report
+            report = verify_phase.run(conn, dsn, row.spec, workers or plan.verify.workers)
+            report.repaired = first
+    _print_report(report, as_json)
+    if not report.passed:
+        raise ParityMismatch(f"verify {plan.name}: {report.mismatched_rows} row(s) differ between blue and green")
+    return report
+
+
+def _print_report(report: verify_phase.Report, as_json: bool) -> None:
+    out = sys.stdout
+    if as_json:
+        out.write(json.dumps(report.as_json(), indent=2, sort_keys=True) + "\n")
+        return
+    verdict = "parity" if report.passed else f"MISMATCH: {report.mismatched_rows} row(s) differ"
+    out.write(f"verify {report.migration}: {verdict}; {report.partitions} partitions, "
+              f"{report.rows_blue:,} rows in blue, {report.rows_green:,} in green ({report.seconds:.2f}s)\n")
+    for m in report.mismatches:
+        key = ", ".join(m.key)
+        detail = ""
+        if m.kind == "different":
+            detail = "  " + "; ".join(f"{c}: blue {_show(m.blue, c)} green {_show(m.green, c)}" for c in m.columns)
+        out.write(f"  {m.kind:<17} key ({key}){detail}\n")
+    if report.mismatched_rows > len(report.mismatches):
+        out.write(f"  ... and {report.mismatched_rows - len(report.mismatches)} more\n")
+
+
+def _show(values: dict[str, str | None] | None, column: str) -> str:
+    value = (values or {}).get(column)
+    return "NULL" if value is None else repr(value)

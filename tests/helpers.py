@@ -79,3 +79,8 @@ def scalar(dsn: str, query: str, params: list[object] | None = None) -> object:
     with psycopg.connect(dsn) as conn:
         row = conn.execute(query, params).fetchone()
         return row[0] if row else None
+
+
+def scalars(dsn: str, query: str, params: list[object] | None = None) -> list[object]:
+    with psycopg.connect(dsn) as conn:
+        return [r[0] for r in conn.execute(query, params).fetchall()]

@@ -48,6 +48,15 @@ CREATE TABLE IF NOT EXISTS "bgsync"."events" (
     detail       text,
     backend_pid  integer NOT NULL DEFAULT pg_backend_pid()
 );
+-- verify results: one row per run, the mismatches and the ranges that hold them
+CREATE TABLE IF NOT EXISTS "bgsync"."verify_runs" (
+    id           bigserial PRIMARY KEY,
+    migration    text NOT NULL REFERENCES "bgsync"."migrations" (name) ON DELETE CASCADE,
+    started_at   timestamptz NOT NULL,
+    finished_at  timestamptz NOT NULL DEFAULT clock_timestamp(),
+    passed       boolean NOT NULL,
+    result       jsonb NOT NULL
+);
 -- journal format version
 COMMENT ON SCHEMA "bgsync" IS 'bgsync state (format 1)';
 COMMIT;
@@ -223,5 +232,42 @@ BEGIN;
 -- record phase backfilled
 UPDATE "bgsync"."migrations" SET phase = 'backfilled', updated_at = now()
  WHERE name = 'orders_v2';
+COMMIT;
+
+-- each partition, in one REPEATABLE READ READ ONLY transaction per partition
+BEGIN;
+-- count and order-independent checksum of blue rows, projected through the plan's `from` expressions
+-- parameters: $1 = <partition lo (exclusive)>, $2 = <partition hi (inclusive)>
+SELECT count(*), coalesce(sum(hashtextextended(ROW(CAST(("id") AS bigint), CAST(("customer_id") AS bigint), trim_scale(CAST((amount::numeric(12,2)) AS numeric(12,2))), CAST((state) AS text), CAST(("note") AS text), CAST(("created_at") AS timestamptz))::text, 0)), 0)
+  FROM "public"."orders"
+ WHERE ("id") > ($1::bigint) AND ("id") <= ($2::bigint);
+-- count and order-independent checksum of green rows
+-- parameters: $1 = <partition lo (exclusive)>, $2 = <partition hi (inclusive)>
+SELECT count(*), coalesce(sum(hashtextextended(ROW("id", "customer_id", trim_scale("total_amount"), "status", "note", "created_at")::text, 0)), 0)
+  FROM "public"."orders_v2"
+ WHERE ("id") > ($1::bigint) AND ("id") <= ($2::bigint);
+COMMIT;
+
+-- a mismatched range: bisect, then compare its rows (same transaction)
+BEGIN;
+-- the middle key of a mismatched blue range, to bisect it
+-- parameters: $1 = <partition lo (exclusive)>, $2 = <partition hi (inclusive)>, $3 = <half the rows>
+SELECT "id"::text
+  FROM "public"."orders"
+ WHERE ("id") > ($1::bigint) AND ("id") <= ($2::bigint)
+ ORDER BY "orders"."id"
+OFFSET $3 LIMIT 1;
+-- the rows of a narrowed blue range, key and projected columns as text
+-- parameters: $1 = <partition lo (exclusive)>, $2 = <partition hi (inclusive)>
+SELECT ARRAY["id"::text],
+       ARRAY[(CAST(("id") AS bigint))::text, (CAST(("customer_id") AS bigint))::text, (trim_scale(CAST((amount::numeric(12,2)) AS numeric(12,2))))::text, (CAST((state) AS text))::text, (CAST(("note") AS text))::text, (CAST(("created_at") AS timestamptz))::text]
+  FROM "public"."orders"
+ WHERE ("id") > ($1::bigint) AND ("id") <= ($2::bigint);
+-- the rows of a narrowed green range, key and columns as text
+-- parameters: $1 = <partition lo (exclusive)>, $2 = <partition hi (inclusive)>
+SELECT ARRAY["id"::text],
+       ARRAY[("id")::text, ("customer_id")::text, (trim_scale("total_amount"))::text, ("status")::text, ("note")::text, ("created_at")::text]
+  FROM "public"."orders_v2"
+ WHERE ("id") > ($1::bigint) AND ("id") <= ($2::bigint);
 COMMIT;
 

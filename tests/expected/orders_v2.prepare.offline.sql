@@ -48,6 +48,15 @@ CREATE TABLE IF NOT EXISTS "bgsync"."events" (
     detail       text,
     backend_pid  integer NOT NULL DEFAULT pg_backend_pid()
 );
+-- verify results: one row per run, the mismatches and the ranges that hold them
+CREATE TABLE IF NOT EXISTS "bgsync"."verify_runs" (
+    id           bigserial PRIMARY KEY,
+    migration    text NOT NULL REFERENCES "bgsync"."migrations" (name) ON DELETE CASCADE,
+    started_at   timestamptz NOT NULL,
+    finished_at  timestamptz NOT NULL DEFAULT clock_timestamp(),
+    passed       boolean NOT NULL,
+    result       jsonb NOT NULL
+);
 -- journal format version
 COMMENT ON SCHEMA "bgsync" IS 'bgsync state (format 1)';
 COMMIT;
