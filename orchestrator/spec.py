@@ -78,6 +78,47 @@ class MigrationSpec:
         return [c for c in self.copied_columns if c.name not in self.green_key]
 
 
+@dataclass(frozen=True)
+class SyncSpec:
+    """One direction of dual write: statement triggers on `source` mirroring into `target`."""
+
+    function: QualifiedName
+    source: QualifiedName
+    target: QualifiedName
+    columns: list[tuple[str, str]]       # (target column, SQL expression over a source row)
+    target_key: list[str]
+    source_key: list[str]
+    triggers: dict[str, str]
+    search_path: list[str]
+
+    @property
+    def target_columns(self) -> list[str]:
+        return [name for name, _ in self.columns]
+
+    @property
+    def update_columns(self) -> list[str]:
+        return [name for name, _ in self.columns if name not in self.target_key]
+
+
+def forward_sync(spec: MigrationSpec) -> SyncSpec:
+    """blue -> green, from prepare until cutover (and again after a rollback of the cutover)."""
+    return SyncSpec(function=spec.forward_function, source=spec.blue, target=spec.green,
+                    columns=[(c.name, c.source_expr) for c in spec.copied_columns if c.source_expr is not None],
+                    target_key=spec.green_key, source_key=spec.blue_key, triggers=spec.triggers,
+                    search_path=spec.search_path)
+
+
+def reverse_sync(spec: MigrationSpec, live: QualifiedName) -> SyncSpec:
+    """green (under its live name) -> retired blue, from cutover until finalize."""
+    return SyncSpec(function=QualifiedName(spec.state_schema, f"{spec.name}_reverse"), source=live,
+                    target=spec.retired,
+                    columns=[(c.reverse_column, c.reverse_expr) for c in spec.columns
+                             if c.reverse_column is not None and c.reverse_expr is not None],
+                    target_key=spec.blue_key, source_key=spec.green_key,
+                    triggers={op: f"bgsync_{spec.name}_rev_{op}" for op in ("ins", "upd", "del", "trunc")},
+                    search_path=spec.search_path)
+
+
 def fit_name(base: str, suffix: str = "") -> str:
     """A name of at most 63 bytes: long ones keep a readable prefix and a short hash."""
     name = base + suffix

@@ -7,18 +7,15 @@ import json
 from orchestrator.executor import Statement, Unit
 from orchestrator.journal import journal_unit, spec_to_json
 from orchestrator.plan import Plan
-from orchestrator.render import render, render_steps
-from orchestrator.spec import MigrationSpec
+from orchestrator.render import render_steps
+from orchestrator.spec import MigrationSpec, forward_sync
 
 
 def prepare_units(plan: Plan, spec: MigrationSpec, current_user: str) -> list[Unit]:
     """The journal, then green + triggers + the journal row, atomically under lock_timeout retries."""
 
-    def upsert_from(rows: str) -> str:
-        return render("_upsert.sql.j2", spec=spec, rows=rows).strip()
-
     statements = [Statement(d, s) for d, s in render_steps(
-        "prepare.sql.j2", spec=spec, current_user=current_user, upsert_from=upsert_from)]
+        "prepare.sql.j2", spec=spec, current_user=current_user, sync=forward_sync(spec), title="forward sync")]
     statements += [Statement(d, s + "\nRETURNING name") for d, s in render_steps(
         "migration_register.sql.j2", schema=spec.state_schema, name=spec.name, source=str(spec.blue),
         target=str(spec.green), plan_hash=spec.plan_hash,

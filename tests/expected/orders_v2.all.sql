@@ -79,62 +79,62 @@ CREATE TABLE "public"."orders_v2" (
 );
 -- the sequence belongs to green's column
 ALTER SEQUENCE "public"."orders_v2_id_seq" OWNED BY "public"."orders_v2"."id";
--- forward sync function: mirrors each statement on blue into green, in the same transaction
+-- forward sync function: mirrors each statement on "public"."orders" into "public"."orders_v2", in the same transaction
 CREATE OR REPLACE FUNCTION "bgsync"."orders_v2_forward"() RETURNS trigger
 LANGUAGE plpgsql
 SET search_path = "pg_catalog", "public", "pg_temp"
 AS $bgsync_body$
 BEGIN
     IF TG_OP = 'INSERT' THEN
-        INSERT INTO "public"."orders_v2" AS g ("id", "customer_id", "total_amount", "status", "note", "created_at") OVERRIDING SYSTEM VALUE
+        INSERT INTO "public"."orders_v2" AS t ("id", "customer_id", "total_amount", "status", "note", "created_at") OVERRIDING SYSTEM VALUE
         SELECT "id", "customer_id", amount::numeric(12,2), state, "note", "created_at"
           FROM bgsync_new_rows
         ON CONFLICT ("id") DO UPDATE
            SET "customer_id" = EXCLUDED."customer_id", "total_amount" = EXCLUDED."total_amount", "status" = EXCLUDED."status", "note" = EXCLUDED."note", "created_at" = EXCLUDED."created_at";
     ELSIF TG_OP = 'UPDATE' THEN
-        -- rows whose key changed leave their old key behind in green
-        DELETE FROM "public"."orders_v2" AS g
+        -- rows whose key changed leave their old key behind in the target
+        DELETE FROM "public"."orders_v2" AS t
          USING bgsync_old_rows AS o
-         WHERE (g."id") = (o."id")
+         WHERE (t."id") = (o."id")
            AND NOT EXISTS (SELECT FROM bgsync_new_rows AS n
                             WHERE (n."id") = (o."id"));
-        INSERT INTO "public"."orders_v2" AS g ("id", "customer_id", "total_amount", "status", "note", "created_at") OVERRIDING SYSTEM VALUE
+        INSERT INTO "public"."orders_v2" AS t ("id", "customer_id", "total_amount", "status", "note", "created_at") OVERRIDING SYSTEM VALUE
         SELECT "id", "customer_id", amount::numeric(12,2), state, "note", "created_at"
           FROM bgsync_new_rows
         ON CONFLICT ("id") DO UPDATE
            SET "customer_id" = EXCLUDED."customer_id", "total_amount" = EXCLUDED."total_amount", "status" = EXCLUDED."status", "note" = EXCLUDED."note", "created_at" = EXCLUDED."created_at";
     ELSIF TG_OP = 'DELETE' THEN
-        DELETE FROM "public"."orders_v2" AS g
+        DELETE FROM "public"."orders_v2" AS t
          USING bgsync_old_rows AS o
-         WHERE (g."id") = (o."id");
+         WHERE (t."id") = (o."id");
     ELSIF TG_OP = 'TRUNCATE' THEN
         TRUNCATE "public"."orders_v2";
     END IF;
     RETURN NULL;
 END
 $bgsync_body$;
--- forward trigger for INSERT
+-- forward sync trigger for INSERT
 CREATE TRIGGER "bgsync_orders_v2_fwd_ins" AFTER INSERT ON "public"."orders"
     REFERENCING NEW TABLE AS bgsync_new_rows
     FOR EACH STATEMENT EXECUTE FUNCTION "bgsync"."orders_v2_forward"();
--- forward trigger for UPDATE (including key changes)
+-- forward sync trigger for UPDATE (including key changes)
 CREATE TRIGGER "bgsync_orders_v2_fwd_upd" AFTER UPDATE ON "public"."orders"
     REFERENCING OLD TABLE AS bgsync_old_rows NEW TABLE AS bgsync_new_rows
     FOR EACH STATEMENT EXECUTE FUNCTION "bgsync"."orders_v2_forward"();
--- forward trigger for DELETE
+-- forward sync trigger for DELETE
 CREATE TRIGGER "bgsync_orders_v2_fwd_del" AFTER DELETE ON "public"."orders"
     REFERENCING OLD TABLE AS bgsync_old_rows
     FOR EACH STATEMENT EXECUTE FUNCTION "bgsync"."orders_v2_forward"();
--- forward trigger for TRUNCATE
+-- forward sync trigger for TRUNCATE
 CREATE TRIGGER "bgsync_orders_v2_fwd_trunc" AFTER TRUNCATE ON "public"."orders"
     FOR EACH STATEMENT EXECUTE FUNCTION "bgsync"."orders_v2_forward"();
--- keep the ins trigger firing under session_replication_role = replica
+-- keep the forward sync ins trigger firing under session_replication_role = replica
 ALTER TABLE "public"."orders" ENABLE ALWAYS TRIGGER "bgsync_orders_v2_fwd_ins";
--- keep the upd trigger firing under session_replication_role = replica
+-- keep the forward sync upd trigger firing under session_replication_role = replica
 ALTER TABLE "public"."orders" ENABLE ALWAYS TRIGGER "bgsync_orders_v2_fwd_upd";
--- keep the del trigger firing under session_replication_role = replica
+-- keep the forward sync del trigger firing under session_replication_role = replica
 ALTER TABLE "public"."orders" ENABLE ALWAYS TRIGGER "bgsync_orders_v2_fwd_del";
--- keep the trunc trigger firing under session_replication_role = replica
+-- keep the forward sync trunc trigger firing under session_replication_role = replica
 ALTER TABLE "public"."orders" ENABLE ALWAYS TRIGGER "bgsync_orders_v2_fwd_trunc";
 -- register the migration (refused by a unique index if another one is active on the source)
 INSERT INTO "bgsync"."migrations" (name, source, target, phase, plan_hash, plan, spec)
