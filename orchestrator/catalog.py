@@ -183,3 +183,95 @@ def dependents(conn: Conn, oid: int) -> list[Dependent]:
         found.append(Dependent("row security policy", name,
                                "not copied: recreate it on green before cutover"))
     return found
+
+
+# -- what a cutover moves ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ViewDef:
+    name: QualifiedName
+    definition: str
+    options: list[str]
+    kind: str
+
+
+@dataclass(frozen=True)
+class ForeignKey:
+    name: str
+    table: QualifiedName
+    columns: list[str]
+    referenced_columns: list[str]
+    on_update: str
+    on_delete: str
+    match: str
+    deferrable: bool
+    deferred: bool
+
+
+@dataclass(frozen=True)
+class IndexName:
+    name: str
+    columns: tuple[str, ...]
+    unique: bool
+    constraint: bool     # backs a PRIMARY KEY or UNIQUE constraint (renamed with RENAME CONSTRAINT)
+    primary: bool
+
+
+FK_ACTIONS = {"a": "NO ACTION", "r": "RESTRICT", "c": "CASCADE", "n": "SET NULL", "d": "SET DEFAULT"}
+FK_MATCH = {"f": "FULL", "p": "PARTIAL", "s": "SIMPLE"}
+
+
+def dependent_views(conn: Conn, table: str) -> list[ViewDef]:
+    """Views reading `table` directly, with their definitions as this session would write them."""
+    return [ViewDef(QualifiedName(r[0], r[1]), r[2], list(r[3] or []), r[4]) for r in conn.execute(
+        """SELECT DISTINCT n.nspname, v.relname, pg_get_viewdef(v.oid), v.reloptions::text[], v.relkind::text, v.oid
+             FROM pg_depend d JOIN pg_rewrite r ON r.oid = d.objid
+             JOIN pg_class v ON v.oid = r.ev_class JOIN pg_namespace n ON n.oid = v.relnamespace
+            WHERE d.classid = 'pg_rewrite'::regclass AND d.refclassid = 'pg_class'::regclass
+              AND d.refobjid = to_regclass(%s) AND v.oid <> d.refobjid
+            ORDER BY v.oid""", [table])]
+
+
+def inbound_foreign_keys(conn: Conn, table: str) -> list[ForeignKey]:
+    return [ForeignKey(name=r[0], table=QualifiedName(r[1], r[2]), columns=list(r[3]), referenced_columns=list(r[4]),
+                       on_update=FK_ACTIONS[r[5]], on_delete=FK_ACTIONS[r[6]], match=FK_MATCH[r[7]],
+                       deferrable=r[8], deferred=r[9])
+            for r in conn.execute(
+        """SELECT c.conname, n.nspname, t.relname,
+                  ARRAY(SELECT a.attname FROM unnest(c.conkey) WITH ORDINALITY k(n, o)
+                          JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = k.n ORDER BY k.o)::text[],
+                  ARRAY(SELECT a.attname FROM unnest(c.confkey) WITH ORDINALITY k(n, o)
+                          JOIN pg_attribute a ON a.attrelid = c.confrelid AND a.attnum = k.n ORDER BY k.o)::text[],
+                  c.confupdtype::text, c.confdeltype::text, c.confmatchtype::text, c.condeferrable, c.condeferred
+             FROM pg_constraint c JOIN pg_class t ON t.oid = c.conrelid JOIN pg_namespace n ON n.oid = t.relnamespace
+            WHERE c.contype = 'f' AND c.confrelid = to_regclass(%s) AND c.conrelid <> c.confrelid
+            ORDER BY n.nspname, t.relname, c.conname""", [table])]
+
+
+def index_names(conn: Conn, table: str) -> list[IndexName]:
+    return [IndexName(r[0], tuple(r[1]), r[2], r[3], r[4]) for r in conn.execute(
+        """SELECT ic.relname,
+                  ARRAY(SELECT coalesce(a.attname, '') FROM unnest(i.indkey::int2[]) WITH ORDINALITY k(n, o)
+                          LEFT JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.n
+                         ORDER BY k.o)::text[],
+                  i.indisunique,
+                  EXISTS (SELECT FROM pg_constraint c WHERE c.conindid = i.indexrelid AND c.conrelid = i.indrelid
+                             AND c.contype IN ('p', 'u')),
+                  i.indisprimary
+             FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid
+            WHERE i.indrelid = to_regclass(%s) ORDER BY ic.relname""", [table])]
+
+
+def serial_sequence(conn: Conn, table: str, column: str) -> QualifiedName | None:
+    row = conn.execute("SELECT pg_get_serial_sequence(%s, %s)", [table, column]).fetchone()
+    if not row or row[0] is None:
+        return None
+    from orchestrator.names import parse_qualified_name
+    schema, name = parse_qualified_name(row[0])
+    return QualifiedName(schema or "public", name)
+
+
+def triggers_on(conn: Conn, table: str) -> dict[str, str]:
+    """Trigger name -> tgenabled ('O' origin, 'A' always, 'R' replica, 'D' disabled)."""
+    return {r[0]: r[1] for r in conn.execute(
+        "SELECT tgname, tgenabled::text FROM pg_trigger WHERE tgrelid = to_regclass(%s) AND NOT tgisinternal",
+        [table])}

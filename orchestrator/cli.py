@@ -96,6 +96,63 @@ def verify(plan: PlanFile,
                     dry_run=dry_run)
 
 
+Timeout = Annotated[str | None, typer.Option("--lock-timeout", help="Per attempt, e.g. 2s; default: the plan's.")]
+Attempts = Annotated[int | None, typer.Option("--attempts", min=1, help="Lock attempts; default: the plan's.")]
+
+
+@app.command()
+def cutover(plan: PlanFile, dry_run: DryRun = False, lock_timeout: Timeout = None, attempts: Attempts = None,
+            dsn: Dsn = None, state_schema: StateSchema = "bgsync") -> None:
+    """Flip the live name to green (refused unless the last verify passed after the last backfill)."""
+    if lock_timeout is not None:
+        from orchestrator.plan import DURATION
+        if not DURATION.match(lock_timeout):
+            raise typer.BadParameter("not a PostgreSQL duration such as 200ms or 2s", param_hint="--lock-timeout")
+    commands.cutover(_options(dsn, state_schema), plan, lock_timeout=lock_timeout, attempts=attempts,
+                     dry_run=dry_run)
+
+
+@app.command()
+def rollback(plan: PlanFile, dry_run: DryRun = False, dsn: Dsn = None, state_schema: StateSchema = "bgsync") -> None:
+    """Before cutover: drop triggers and green. After cutover: swap back, losing no write."""
+    commands.rollback(_options(dsn, state_schema), plan, dry_run=dry_run)
+
+
+@app.command()
+def finalize(plan: PlanFile, yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
+             dry_run: DryRun = False, dsn: Dsn = None, state_schema: StateSchema = "bgsync") -> None:
+    """After cutover: drop the reverse sync and the retired blue table (asks first)."""
+    commands.finalize(_options(dsn, state_schema), plan, yes=yes, dry_run=dry_run, confirm=_confirm)
+
+
+@app.command()
+def status(plan: Annotated[Path | None, typer.Argument(help="Only this plan's migration.", show_default=False)]
+           = None,
+           as_json: Annotated[bool, typer.Option("--json", help="Machine-readable, schema-stable.")] = False,
+           dsn: Dsn = None, state_schema: StateSchema = "bgsync") -> None:
+    """Every migration: phase, backfill progress, last verify, drift against the catalog."""
+    commands.status(_options(dsn, state_schema), plan, as_json=as_json)
+
+
+@app.command()
+def run(plan: PlanFile,
+        through: Annotated[str, typer.Option("--through", help="Last phase: validate, prepare, backfill, "
+                                                               "verify or cutover.")] = "cutover",
+        auto_rollback: Annotated[bool, typer.Option("--auto-rollback", help="Roll back on a parity mismatch or "
+                                                                            "a failed cutover.")] = False,
+        dsn: Dsn = None, state_schema: StateSchema = "bgsync") -> None:
+    """Run the phases in order, stopping at the first failure."""
+    if through not in commands.RUN_PHASES:
+        raise typer.BadParameter(f"choose from {', '.join(commands.RUN_PHASES)}", param_hint="--through")
+    commands.run(_options(dsn, state_schema), plan, through=through, auto_rollback=auto_rollback)
+
+
+def _confirm(question: str) -> bool:
+    if not sys.stdin.isatty():
+        return False
+    return bool(typer.confirm(question, default=False, err=True))
+
+
 def main() -> None:
     """Entry point: BgsyncError becomes `FAILED: ...` and its exit code; passwords never print."""
     try:

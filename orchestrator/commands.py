@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -13,11 +14,14 @@ from typing import Any
 import psycopg
 
 from orchestrator import catalog, db, log
-from orchestrator.errors import GateRefused, ParityMismatch, UsageError
-from orchestrator.executor import Executor
+from orchestrator.errors import DatabaseError, GateRefused, ParityMismatch, UsageError
+from orchestrator.executor import Executor, Unit
 from orchestrator.journal import MigrationRow, get_migration, migration_lock, require_same_plan
 from orchestrator.phases import backfill as backfill_phase
+from orchestrator.phases import cutover as cutover_phase
+from orchestrator.phases import rollback as rollback_phase
 from orchestrator.phases import scaffold
+from orchestrator.phases import status as status_phase
 from orchestrator.phases import verify as verify_phase
 from orchestrator.phases.prepare import prepare_units
 from orchestrator.phases.validate import Validation, validate_live
@@ -25,7 +29,7 @@ from orchestrator.plan import Plan, load_plan, plan_json_schema
 from orchestrator.spec import DEFAULT_STATE_SCHEMA, MigrationSpec
 
 Conn = psycopg.Connection[Any]
-PHASES_WITH_SQL = ("prepare", "backfill", "verify")
+PHASES_WITH_SQL = ("prepare", "backfill", "verify", "cutover", "rollback", "finalize")
 
 
 @dataclass
@@ -112,6 +116,12 @@ def sql(options: Options, plan_path: Path, phase: str) -> None:
                 backfill(options, plan_path, dry_run=True, conn=conn)
             elif name == "verify":
                 verify(options, plan_path, dry_run=True, conn=conn)
+            elif name == "cutover":
+                cutover(options, plan_path, dry_run=True, conn=conn)
+            elif name == "rollback" and phase != "all":
+                rollback(options, plan_path, dry_run=True, conn=conn)
+            elif name == "finalize" and phase != "all":
+                finalize(options, plan_path, dry_run=True)
         conn.rollback()
 
 
@@ -137,10 +147,7 @@ def prepare(options: Options, plan_path: Path, *, dry_run: bool = False, conn: C
         return None
     with migration_lock(conn, plan.name):
         for unit in units:
-            results = executor.run(unit)
-        if not results[-1]:
-            raise GateRefused(f"migration {plan.name} is already registered and active; "
-                              f"see `bgsync status`")
+            executor.run(unit)
     log.success(f"prepared {plan.name}: green {validation.spec.green} created, forward triggers enabled "
                 f"(ALWAYS) on {validation.spec.blue}")
     return None
@@ -254,3 +261,173 @@ def _print_report(report: verify_phase.Report, as_json: bool) -> None:
 def _show(values: dict[str, str | None] | None, column: str) -> str:
     value = (values or {}).get(column)
     return "NULL" if value is None else repr(value)
+
+
+PRE_CUTOVER = ("prepared", "backfilling", "backfilled", "verified", "mismatch", "reverted")
+
+
+def _run_fk_validation(executor: Executor, unit: Unit | None) -> None:
+    """Foreign keys re-pointed NOT VALID are validated after the lock is gone; a failure is reported,
+    the constraint stays enforced for new rows."""
+    if unit is None:
+        return
+    try:
+        executor.run(unit)
+    except DatabaseError as error:
+        log.warn(f"{error}; the foreign key stays NOT VALID (enforced for new rows): fix the data and run "
+                 f"ALTER TABLE ... VALIDATE CONSTRAINT")
+
+
+def cutover(options: Options, plan_path: Path, *, lock_timeout: str | None = None, attempts: int | None = None,
+            dry_run: bool = False, conn: Conn | None = None) -> None:
+    plan = load_plan(plan_path)
+    if conn is None:
+        with _connection(options, f"cutover {plan.name}") as own:
+            return cutover(options, plan_path, lock_timeout=lock_timeout, attempts=attempts, dry_run=dry_run,
+                           conn=own)
+    row = get_migration(conn, options.state_schema, plan.name)
+    if dry_run and (row is None or not row.active):
+        sys.stdout.write(f"-- cutover {plan.name}: its SQL depends on green's catalog; it is printed once "
+                         f"`bgsync prepare` has created green\n\n")
+        return None
+    row = _prepared_row(conn, plan, options, ("verified",) if not dry_run else PRE_CUTOVER, "cutover")
+    if not dry_run and row.phase != "verified":
+        raise GateRefused(f"cutover {plan.name} refused: it needs a passing verify after the last backfill")
+    timeout = lock_timeout or plan.cutover.lock_timeout
+    unit, fks = cutover_phase.cutover_units(conn, row.spec, plan.cutover.mode, timeout,
+                                            attempts or plan.cutover.attempts, catalog.current_user(conn))
+    conn.rollback()
+    executor = Executor(conn, dry_run=dry_run, migration=plan.name, state_schema=options.state_schema)
+    if dry_run:
+        executor.run(unit)
+        fk_unit = cutover_phase.validate_fk_unit(row.spec, fks, "cutover")
+        if fk_unit:
+            executor.run(fk_unit)
+        return None
+    with migration_lock(conn, plan.name):
+        started = time.perf_counter()
+        executor.run(unit)
+        held = time.perf_counter() - started
+        _run_fk_validation(executor, cutover_phase.validate_fk_unit(row.spec, fks, "cutover"))
+    log.success(f"cut over {plan.name}: {row.spec.blue.display()} is now green ({plan.cutover.mode} mode); "
+                f"reverse sync keeps {row.spec.retired.display()} current (transaction {held * 1000:.0f} ms)")
+    return None
+
+
+def rollback(options: Options, plan_path: Path, *, dry_run: bool = False, conn: Conn | None = None) -> None:
+    plan = load_plan(plan_path)
+    if conn is None:
+        with _connection(options, f"rollback {plan.name}") as own:
+            return rollback(options, plan_path, dry_run=dry_run, conn=own)
+    row = get_migration(conn, options.state_schema, plan.name)
+    if row is None or row.phase == "rolled_back":
+        log.success(f"migration {plan.name} has nothing to roll back")
+        return None
+    if row.phase == "finalized":
+        raise GateRefused(f"migration {plan.name} is finalized: the retired table is gone, nothing to roll back to")
+    executor = Executor(conn, dry_run=dry_run, migration=plan.name, state_schema=options.state_schema)
+    timeout, attempts = plan.cutover.lock_timeout, plan.cutover.attempts
+    fks: list[Any] = []
+    if row.phase == "cut_over":
+        unit, fks = rollback_phase.uncutover_unit(conn, row.spec, row, timeout, attempts)
+    else:
+        unit = rollback_phase.teardown_unit(row.spec, timeout, attempts)
+    conn.rollback()
+    if dry_run:
+        executor.run(unit)
+        return None
+    with migration_lock(conn, plan.name):
+        executor.run(unit)
+        _run_fk_validation(executor, cutover_phase.validate_fk_unit(row.spec, fks, "rollback"))
+    if row.phase == "cut_over":
+        log.success(f"rolled back the cutover of {plan.name}: {row.spec.blue.display()} is blue again; green is "
+                    f"kept in sync; verify, then cut over again (or roll back again to drop green)")
+    else:
+        log.success(f"rolled back {plan.name}: triggers and green {row.spec.green.display()} dropped")
+    return None
+
+
+def finalize(options: Options, plan_path: Path, *, yes: bool = False, dry_run: bool = False,
+             confirm: Any = None) -> None:
+    plan = load_plan(plan_path)
+    with _connection(options, f"finalize {plan.name}") as conn:
+        row = _prepared_row(conn, plan, options, ("cut_over",), "finalize")
+        unit = rollback_phase.finalize_unit(row.spec, row, plan.cutover.lock_timeout, plan.cutover.attempts)
+        conn.rollback()
+        executor = Executor(conn, dry_run=dry_run, migration=plan.name, state_schema=options.state_schema)
+        if dry_run:
+            executor.run(unit)
+            return
+        if not yes:
+            question = (f"Drop the retired table {row.spec.retired.display()} and the reverse sync? "
+                        f"Rollback is impossible afterwards")
+            if confirm is None or not confirm(question):
+                raise GateRefused(f"finalize {plan.name} not confirmed; rerun with --yes to drop "
+                                  f"{row.spec.retired.display()}")
+        with migration_lock(conn, plan.name):
+            executor.run(unit)
+    log.success(f"finalized {plan.name}: {row.spec.retired.display()} and the reverse sync are gone")
+
+
+def status(options: Options, plan_path: Path | None, *, as_json: bool = False) -> dict[str, Any]:
+    name = load_plan(plan_path).name if plan_path is not None else None
+    with _connection(options, "status") as conn:
+        report = status_phase.status(conn, options.state_schema, name)
+        conn.rollback()
+    if as_json:
+        sys.stdout.write(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    else:
+        _print_status(report)
+    drifted = [m for m in report["migrations"] if m["drift"]]
+    for m in drifted:
+        for line in m["drift"]:
+            log.warn(f"DRIFT in {m['name']}: {line}")
+    if drifted:
+        raise GateRefused(f"drift in {', '.join(m['name'] for m in drifted)}: the catalog disagrees with the journal")
+    return report
+
+
+def _print_status(report: dict[str, Any]) -> None:
+    out = sys.stdout
+    if not report["migrations"]:
+        out.write("no migrations\n")
+    for m in report["migrations"]:
+        b = m["backfill"]
+        out.write(f"{m['name']}: {m['phase']}  {m['source']} -> {m['target']} ({m['mode']} mode)\n")
+        rate = f", {b['rows_per_second']:,.0f} rows/s" if b["rows_per_second"] else ""
+        eta = f", ETA {b['eta_seconds']:.0f}s" if b["eta_seconds"] else ""
+        out.write(f"  backfill: {b['partitions_done']}/{b['partitions']} partitions, {b['rows_copied']:,} of "
+                  f"~{b['rows_estimate']:,} rows{rate}{eta}\n")
+        v = m["verify"]
+        verdict = "never run" if v is None else (
+            f"{'parity' if v['passed'] else 'MISMATCH (' + str(v['mismatched_rows']) + ' rows)'} at {v['finished_at']}")
+        out.write(f"  last verify: {verdict}\n")
+        out.write(f"  drift: {'; '.join(m['drift']) if m['drift'] else 'none (triggers and tables as expected)'}\n")
+
+
+RUN_PHASES = ("validate", "prepare", "backfill", "verify", "cutover")
+
+
+def run(options: Options, plan_path: Path, *, through: str = "cutover", auto_rollback: bool = False) -> None:
+    """The phases in order; stop at the first failure. With auto_rollback, a parity mismatch or a failed
+    cutover rolls back and exits 1."""
+    steps = RUN_PHASES[:RUN_PHASES.index(through) + 1]
+    for phase in steps:
+        log.console.rule(f"[bold]{phase}")
+        try:
+            if phase == "validate":
+                validate(options, plan_path)
+            elif phase == "prepare":
+                prepare(options, plan_path)
+            elif phase == "backfill":
+                backfill(options, plan_path)
+            elif phase == "verify":
+                verify(options, plan_path)
+            else:
+                cutover(options, plan_path)
+        except (ParityMismatch, DatabaseError) as error:
+            if not auto_rollback or phase not in ("verify", "cutover"):
+                raise
+            log.warn(f"{phase} failed ({error}); rolling back")
+            rollback(options, plan_path)
+            raise GateRefused(f"run stopped at {phase} and rolled back: {error}") from None

@@ -17,7 +17,7 @@ import psycopg
 from psycopg import errors as pgerrors
 
 from orchestrator import log
-from orchestrator.errors import DatabaseError
+from orchestrator.errors import DatabaseError, GateRefused
 from orchestrator.render import as_server_text, render
 
 Conn = psycopg.Connection[Any]
@@ -28,6 +28,7 @@ class Statement:
     description: str
     sql: str
     params: Sequence[Any] | None = None
+    expect_rows: str = ""    # when set: no row returned means a gate refused; the transaction rolls back
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,7 @@ class Executor:
     state_schema: str = "bgsync"
     out: TextIO = field(default_factory=lambda: sys.stdout)
     _journal_ready: bool = False
+    _current: str = ""
 
     # -- printing -----------------------------------------------------------------------------
     def print_unit(self, unit: Unit) -> None:
@@ -96,7 +98,8 @@ class Executor:
                 time.sleep(pause)
             except psycopg.Error as error:
                 self._record_failure(unit, error)
-                raise DatabaseError(f"{unit.title}: {_describe(error)}") from None
+                step = f" at step '{self._current}'" if self._current else ""
+                raise DatabaseError(f"{unit.title}{step}: {_describe(error)}") from None
 
     def _run_once(self, unit: Unit) -> list[list[tuple[Any, ...]]]:
         assert self.conn is not None
@@ -124,6 +127,8 @@ class Executor:
                 started = time.perf_counter()
                 results.append(self.execute(self.conn, statement))
                 timings.append((statement, time.perf_counter() - started))
+                if statement.expect_rows and not results[-1]:
+                    raise GateRefused(statement.expect_rows)
             self._record(unit, timings)
         return results
 
@@ -133,6 +138,7 @@ class Executor:
 
     def execute_counted(self, conn: Conn, statement: Statement) -> tuple[list[tuple[Any, ...]], int]:
         """Like execute, also returning the number of rows the statement affected."""
+        self._current = statement.description
         with conn.cursor(binary=True) as cur:
             cur.execute(statement.sql, statement.params if statement.params is not None else None)
             rows = cur.fetchall() if cur.description else []

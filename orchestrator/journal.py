@@ -30,6 +30,7 @@ class MigrationRow:
     plan_hash: str
     plan: dict[str, Any]
     spec: MigrationSpec
+    cutover: dict[str, Any] | None = None
 
     @property
     def active(self) -> bool:
@@ -56,11 +57,12 @@ def get_migration(conn: Conn, schema: str, name: str) -> MigrationRow | None:
     if not journal_exists(conn, schema):
         return None
     row = conn.execute(
-        f"SELECT name, phase, plan_hash, plan, spec FROM {quote_ident(schema)}.migrations WHERE name = %s",
-        [name]).fetchone()
+        f"SELECT name, phase, plan_hash, plan, spec, to_jsonb(m) -> 'cutover'"
+        f" FROM {quote_ident(schema)}.migrations AS m WHERE name = %s", [name]).fetchone()
     if row is None:
         return None
-    return MigrationRow(name=row[0], phase=row[1], plan_hash=row[2], plan=row[3], spec=spec_from_json(row[4]))
+    return MigrationRow(name=row[0], phase=row[1], plan_hash=row[2], plan=row[3], spec=spec_from_json(row[4]),
+                        cutover=row[5])
 
 
 def require_same_plan(row: MigrationRow, plan: Plan) -> None:

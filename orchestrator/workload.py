@@ -53,6 +53,17 @@ SESSIONS = TableOps(
     key_update="UPDATE public.sessions SET token = gen_random_uuid() WHERE token = %(k)s",
 )
 
+ACCOUNTS = TableOps(
+    pick_key="SELECT id FROM public.accounts WHERE id >= %(r)s ORDER BY id LIMIT 1",
+    insert="INSERT INTO public.accounts (email, name) VALUES ('w' || %(r)s || '@example.com', 'writer')",
+    insert_many="""INSERT INTO public.accounts (email, name)
+                   SELECT 'm' || g || '.' || %(r)s || '@example.com', NULL FROM generate_series(1, 5) g""",
+    update="UPDATE public.accounts SET name = 'u' || %(r)s, email = email || '.u' WHERE id = %(k)s",
+    update_many="UPDATE public.accounts SET name = NULL WHERE id BETWEEN %(k)s AND %(k)s + 5",
+    delete="DELETE FROM public.accounts WHERE id = %(k)s",
+    key_update="UPDATE public.accounts SET id = DEFAULT WHERE id = %(k)s",
+)
+
 
 @dataclass
 class Workload:

@@ -16,7 +16,9 @@ def prepare_units(plan: Plan, spec: MigrationSpec, current_user: str) -> list[Un
 
     statements = [Statement(d, s) for d, s in render_steps(
         "prepare.sql.j2", spec=spec, current_user=current_user, sync=forward_sync(spec), title="forward sync")]
-    statements += [Statement(d, s + "\nRETURNING name") for d, s in render_steps(
+    statements += [Statement(d, s + "\nRETURNING name",
+                             expect_rows=f"migration {spec.name} is already registered and active; see `bgsync status`")
+                   for d, s in render_steps(
         "migration_register.sql.j2", schema=spec.state_schema, name=spec.name, source=str(spec.blue),
         target=str(spec.green), plan_hash=spec.plan_hash,
         plan_json=json.dumps(plan.structural_dump(), sort_keys=True), spec_json=spec_to_json(spec))]

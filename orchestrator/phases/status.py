@@ -1,0 +1,95 @@
+"""status: where every migration stands, checked against the catalog (drift is reported loudly)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+
+from orchestrator import catalog
+from orchestrator.journal import get_migration, journal_exists
+from orchestrator.names import quote_ident
+from orchestrator.spec import MigrationSpec, forward_sync, reverse_sync
+
+Conn = psycopg.Connection[Any]
+STATUS_VERSION = 1
+FORWARD_PHASES = ("prepared", "backfilling", "backfilled", "verified", "mismatch", "reverted")
+
+
+def expected_objects(spec: MigrationSpec, phase: str, mode: str) -> tuple[dict[str, list[str]], list[str]]:
+    """(table -> triggers that must exist ENABLE ALWAYS, tables that must exist) for a phase."""
+    if phase in FORWARD_PHASES:
+        forward = forward_sync(spec)
+        return {forward.source.display(): list(forward.triggers.values())}, [str(spec.blue), str(spec.green)]
+    if phase == "cut_over":
+        live = spec.blue if mode == "rename" else spec.green
+        reverse = reverse_sync(spec, live)
+        return {reverse.source.display(): list(reverse.triggers.values())}, [str(live), str(spec.retired)]
+    return {}, []
+
+
+def migration_status(conn: Conn, schema: str, name: str) -> dict[str, Any]:
+    row = get_migration(conn, schema, name)
+    assert row is not None
+    spec = row.spec
+    mode = str((row.cutover or {}).get("mode") or row.plan.get("cutover", {}).get("mode", "rename"))
+    s = quote_ident(schema)
+    chunks = conn.execute(
+        f"""SELECT count(*), count(*) FILTER (WHERE done), coalesce(sum(rows_copied), 0),
+                   extract(epoch FROM CASE WHEN bool_and(done) THEN max(finished_at) ELSE clock_timestamp() END
+                                      - min(started_at))
+              FROM {s}.chunks WHERE migration = %s""",
+        [name]).fetchone()
+    assert chunks is not None
+    total, done, copied, seconds = int(chunks[0]), int(chunks[1]), int(chunks[2]), chunks[3]
+    estimate_row = conn.execute("SELECT reltuples::float8 FROM pg_class WHERE oid = to_regclass(%s)",
+                                [str(spec.blue)]).fetchone()
+    estimate = max(int(estimate_row[0]), copied) if estimate_row and estimate_row[0] and estimate_row[0] > 0 \
+        else copied
+    rate = float(copied) / float(seconds) if seconds and float(seconds) > 0 else None
+    eta = (estimate - copied) / rate if rate and done < total else (0.0 if total and done == total else None)
+    verify = conn.execute(
+        f"""SELECT passed, finished_at, (result->>'mismatched_rows')::bigint FROM {s}.verify_runs
+             WHERE migration = %s ORDER BY id DESC LIMIT 1""", [name]).fetchone() \
+        if catalog.relation_exists(conn, type(spec.blue)(schema, "verify_runs")) else None
+    triggers_expected, tables_expected = expected_objects(spec, row.phase, mode)
+    drift: list[str] = []
+    present_all: dict[str, dict[str, str]] = {}
+    for table, names in triggers_expected.items():
+        present = catalog.triggers_on(conn, table)
+        present_all[table] = present
+        for trigger in names:
+            if trigger not in present:
+                drift.append(f"trigger {trigger} on {table} is missing")
+            elif present[trigger] != "A":
+                drift.append(f"trigger {trigger} on {table} is not ENABLE ALWAYS (tgenabled={present[trigger]})")
+    for table in tables_expected:
+        if catalog.regclass_oid(conn, table) is None:
+            drift.append(f"table {table} is missing")
+    return {
+        "name": name,
+        "phase": row.phase,
+        "source": spec.blue.display(),
+        "target": spec.green.display(),
+        "retired": spec.retired.display(),
+        "mode": mode,
+        "backfill": {
+            "partitions": total, "partitions_done": done, "rows_copied": copied, "rows_estimate": estimate,
+            "rows_per_second": None if rate is None else round(rate, 1),
+            "eta_seconds": None if eta is None else round(eta, 1),
+        },
+        "verify": None if verify is None else {
+            "passed": bool(verify[0]), "finished_at": verify[1].isoformat(), "mismatched_rows": int(verify[2] or 0)},
+        "triggers": {table: sorted(names) for table, names in triggers_expected.items()},
+        "drift": drift,
+    }
+
+
+def status(conn: Conn, schema: str, name: str | None) -> dict[str, Any]:
+    names: list[str] = []
+    if journal_exists(conn, schema):
+        names = [r[0] for r in conn.execute(
+            f"SELECT name FROM {quote_ident(schema)}.migrations ORDER BY created_at, name")]
+    if name is not None:
+        names = [n for n in names if n == name]
+    return {"version": STATUS_VERSION, "migrations": [migration_status(conn, schema, n) for n in names]}
