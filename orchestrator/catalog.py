@@ -192,6 +192,8 @@ class ViewDef:
     definition: str
     options: list[str]
     kind: str
+    owner: str
+    grants: list[tuple[str, str, bool]]
 
 
 @dataclass(frozen=True)
@@ -221,14 +223,33 @@ FK_MATCH = {"f": "FULL", "p": "PARTIAL", "s": "SIMPLE"}
 
 
 def dependent_views(conn: Conn, table: str) -> list[ViewDef]:
-    """Views reading `table` directly, with their definitions as this session would write them."""
-    return [ViewDef(QualifiedName(r[0], r[1]), r[2], list(r[3] or []), r[4]) for r in conn.execute(
-        """SELECT DISTINCT n.nspname, v.relname, pg_get_viewdef(v.oid), v.reloptions::text[], v.relkind::text, v.oid
-             FROM pg_depend d JOIN pg_rewrite r ON r.oid = d.objid
-             JOIN pg_class v ON v.oid = r.ev_class JOIN pg_namespace n ON n.oid = v.relnamespace
-            WHERE d.classid = 'pg_rewrite'::regclass AND d.refclassid = 'pg_class'::regclass
-              AND d.refobjid = to_regclass(%s) AND v.oid <> d.refobjid
-            ORDER BY v.oid""", [table])]
+    """Views reading `table`, and views reading those, parents before children, with their
+    definitions as this session would write them, owners and grants."""
+    found: list[ViewDef] = []
+    frontier = [table]
+    seen: set[str] = set()
+    while frontier:
+        current = frontier.pop(0)
+        for r in conn.execute(
+                """SELECT DISTINCT n.nspname, v.relname, pg_get_viewdef(v.oid), v.reloptions::text[],
+                          v.relkind::text, pg_get_userbyid(v.relowner), v.oid,
+                          ARRAY(SELECT ARRAY[CASE WHEN a.grantee = 0 THEN 'PUBLIC'
+                                                  ELSE pg_get_userbyid(a.grantee) END,
+                                             a.privilege_type, a.is_grantable::text]
+                                  FROM aclexplode(v.relacl) a WHERE a.grantee <> v.relowner)::text[]
+                     FROM pg_depend d JOIN pg_rewrite r ON r.oid = d.objid
+                     JOIN pg_class v ON v.oid = r.ev_class JOIN pg_namespace n ON n.oid = v.relnamespace
+                    WHERE d.classid = 'pg_rewrite'::regclass AND d.refclassid = 'pg_class'::regclass
+                      AND d.refobjid = to_regclass(%s) AND v.oid <> d.refobjid
+                    ORDER BY v.oid""", [current]):
+            name = QualifiedName(r[0], r[1])
+            if str(name) in seen:
+                found = [v for v in found if v.name != name]  # keep it after every view it reads
+            seen.add(str(name))
+            found.append(ViewDef(name, r[2], list(r[3] or []), r[4], r[5],
+                                 [(g[0], g[1], g[2] == "true") for g in (r[7] or [])]))
+            frontier.append(str(name))
+    return found
 
 
 def inbound_foreign_keys(conn: Conn, table: str) -> list[ForeignKey]:

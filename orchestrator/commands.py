@@ -329,7 +329,7 @@ def rollback(options: Options, plan_path: Path, *, dry_run: bool = False, conn: 
     timeout, attempts = plan.cutover.lock_timeout, plan.cutover.attempts
     fks: list[Any] = []
     if row.phase == "cut_over":
-        unit, fks = rollback_phase.uncutover_unit(conn, row.spec, row, timeout, attempts)
+        unit, fks = rollback_phase.uncutover_unit(conn, row.spec, row, timeout, attempts, catalog.current_user(conn))
     else:
         unit = rollback_phase.teardown_unit(row.spec, timeout, attempts)
     conn.rollback()

@@ -30,8 +30,8 @@ def live_table(spec: MigrationSpec, mode: str) -> Any:
     return spec.blue if mode == "rename" else spec.green
 
 
-def uncutover_unit(conn: Conn, spec: MigrationSpec, row: MigrationRow, lock_timeout: str, attempts: int
-                   ) -> tuple[Unit, list[ForeignKey]]:
+def uncutover_unit(conn: Conn, spec: MigrationSpec, row: MigrationRow, lock_timeout: str, attempts: int,
+                   current_user: str) -> tuple[Unit, list[ForeignKey]]:
     record = row.cutover or {}
     mode = str(record.get("mode", "rename"))
     live = live_table(spec, mode)
@@ -49,7 +49,7 @@ def uncutover_unit(conn: Conn, spec: MigrationSpec, row: MigrationRow, lock_time
     steps = render_steps(
         "uncutover.sql.j2", spec=spec, spec_mode=mode, live=live, forward=forward_sync(spec),
         reverse=reverse_sync(spec, live), sequences=sequences, renames=renames, views=views, fks=fks,
-        fk_target=spec.blue, fk_columns=columns,
+        fk_target=spec.blue, fk_columns=columns, current_user=current_user,
         parked_view=None if parked is None else type(spec.blue)(spec.blue.schema, parked))
     statements = [Statement(d, s) for d, s in steps]
     statements[-1] = Statement(statements[-1].description, statements[-1].sql,

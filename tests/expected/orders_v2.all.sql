@@ -57,6 +57,8 @@ CREATE TABLE IF NOT EXISTS "bgsync"."verify_runs" (
     passed       boolean NOT NULL,
     result       jsonb NOT NULL
 );
+-- what the last cutover renamed, so that rollback undoes exactly that
+ALTER TABLE "bgsync"."migrations" ADD COLUMN IF NOT EXISTS cutover jsonb;
 -- journal format version
 COMMENT ON SCHEMA "bgsync" IS 'bgsync state (format 1)';
 COMMIT;
@@ -270,4 +272,6 @@ SELECT ARRAY["id"::text],
   FROM "public"."orders_v2"
  WHERE ("id") > ($1::bigint) AND ("id") <= ($2::bigint);
 COMMIT;
+
+-- cutover orders_v2: its SQL depends on green's catalog; it is printed once `bgsync prepare` has created green
 

@@ -57,6 +57,8 @@ CREATE TABLE IF NOT EXISTS "bgsync"."verify_runs" (
     passed       boolean NOT NULL,
     result       jsonb NOT NULL
 );
+-- what the last cutover renamed, so that rollback undoes exactly that
+ALTER TABLE "bgsync"."migrations" ADD COLUMN IF NOT EXISTS cutover jsonb;
 -- journal format version
 COMMENT ON SCHEMA "bgsync" IS 'bgsync state (format 1)';
 COMMIT;
