@@ -53,7 +53,8 @@ WRITER_CASES = [("accounts", "rename"), ("orders", "rename"), ("orders", "view")
 
 
 @pytest.mark.parametrize(("table", "mode"), WRITER_CASES, ids=[f"{t}-{m}" for t, m in WRITER_CASES])
-def test_cutover_rollback_cutover_with_writers(dsn: str, tmp_path: Path, table: str, mode: str) -> None:
+def test_cutover_rollback_cutover_with_writers(dsn: str, tmp_path: Path, table: str, mode: str,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
     if table == "accounts":
         plan = accounts_plan(tmp_path, mode)
         ready(dsn, plan)
@@ -83,8 +84,10 @@ def test_cutover_rollback_cutover_with_writers(dsn: str, tmp_path: Path, table: 
         time.sleep(0.5)
     finally:
         workload.finish()
-    print(f"{mode}: longest writer stall {stall_after_cutover * 1000:.0f} ms (first cutover), "
-          f"{workload.longest_stall * 1000:.0f} ms overall; {dict(workload.counts)}; retried {workload.retried}")
+    with capsys.disabled():
+        print(f"\n[{table}/{mode}] longest writer stall: {stall_after_cutover * 1000:.0f} ms through the first "
+              f"cutover, {workload.longest_stall * 1000:.0f} ms through rollback and the second; "
+              f"{sum(workload.counts.values())} writes, {workload.retried} retried")
     assert workload.errors == []
     for kind in ("insert", "update", "delete", "key_update"):
         assert workload.counts[kind] > 0
@@ -117,7 +120,8 @@ def test_writes_after_cutover_reach_blue_and_rollback_loses_nothing(dsn: str, tm
     assert bgsync(dsn, "cutover", str(plan)).code == 0
 
 
-def test_lock_held_on_blue_makes_cutover_give_up_cleanly(dsn: str, tmp_path: Path) -> None:
+def test_lock_held_on_blue_makes_cutover_give_up_cleanly(dsn: str, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
     plan = accounts_plan(tmp_path, "rename", lock_timeout="200ms", attempts=3)
     ready(dsn, plan, rows=2_000)
     before = json.loads(bgsync(dsn, "status", "--json").out)
@@ -148,7 +152,8 @@ def test_lock_held_on_blue_makes_cutover_give_up_cleanly(dsn: str, tmp_path: Pat
     assert "lock" in result.err and "3 attempt" in result.err
     assert elapsed < 10
     # writers queued behind a waiting cutover for at most about lock_timeout per attempt
-    print(f"longest writer latency while cutover retried: {max(latencies) * 1000:.0f} ms")
+    with capsys.disabled():
+        print(f"\n[lock fight] longest writer latency while cutover retried: {max(latencies) * 1000:.0f} ms")
     assert max(latencies) < 0.2 + 0.5
     after = json.loads(bgsync(dsn, "status", "--json").out)
     assert after == before
@@ -287,3 +292,21 @@ def test_run_auto_rollback_when_cutover_fails(dsn: str, tmp_path: Path) -> None:
     assert "re-create dependent view" in failed.err and "run stopped at cutover" in failed.err
     assert scalar(dsn, "SELECT phase FROM bgsync.migrations") == "rolled_back"
     assert scalar(dsn, "SELECT count(*) FROM public.named") == 3_000
+
+
+def test_rollback_before_cutover_is_idempotent(dsn: str, tmp_path: Path) -> None:
+    plan = accounts_plan(tmp_path, "rename")
+    load_schema(dsn)
+    seed(dsn, accounts=500)
+    assert bgsync(dsn, "prepare", str(plan)).code == 0
+    first = bgsync(dsn, "rollback", str(plan))
+    assert first.code == 0, first.err
+    second = bgsync(dsn, "rollback", str(plan))
+    assert second.code == 0 and "nothing to roll back" in second.err
+    assert scalar(dsn, "SELECT to_regclass('public.accounts_v2')") is None
+    assert scalar(dsn, "SELECT count(*) FROM pg_trigger WHERE NOT tgisinternal") == 0
+    assert scalar(dsn, "SELECT count(*) FROM pg_proc WHERE proname LIKE 'accounts_v2_%%'") == 0
+    # and the migration can be prepared again from scratch
+    assert bgsync(dsn, "prepare", str(plan)).code == 0
+    assert bgsync(dsn, "backfill", str(plan)).code == 0
+    assert bgsync(dsn, "verify", str(plan)).code == 0
