@@ -15,48 +15,41 @@ from rich.table import Table
 
 from orchestrator import commands, log
 from orchestrator.embedded import create_database, embedded_server
+from orchestrator.errors import ParityMismatch
 from orchestrator.workload import ORDERS, Workload, load_sample_schema, seed_sample
 
-# The same plan as plans/orders_v2.yaml (a test keeps the two equal).
+# The same plan as plans/orders_numeric.yaml (a test keeps the two equal).
 DEMO_PLAN = """\
-# A type change with a rename: integer `amount` becomes numeric `total_amount`,
-# `state` becomes `status`; the reverse expressions keep blue fed after cutover.
-name: orders_v2
+# The commonest blue-green change: a type change in place. `amount` goes from integer to
+# numeric(12,2) under the same name, and a new NOT NULL column with a default appears, so the
+# application keeps writing the same statements before and after the cutover.
+name: orders_numeric
 source: public.orders
 target: public.orders_v2
-key: [id]
 columns:
   - {name: id, type: bigint, not_null: true}
   - {name: customer_id, type: bigint, not_null: true}
-  - name: total_amount
-    type: numeric(12,2)
-    not_null: true
-    from: "amount::numeric(12,2)"
-    reverse: "round(total_amount)::integer"
-    reverse_column: amount
-  - {name: status, type: text, not_null: true, from: state, default: "'new'"}
+  - {name: amount, type: "numeric(12,2)", not_null: true, reverse: "round(amount)::integer"}
+  - {name: state, type: text, not_null: true}
   - {name: note, type: text}
-  - {name: created_at, type: timestamptz, not_null: true, default: "now()"}
+  - {name: created_at, type: timestamptz, not_null: true}
+  - {name: currency, type: text, not_null: true, default: "'EUR'"}
 indexes:
   - {columns: [customer_id]}
-  - {columns: [status], where: "status <> 'void'"}
+  - {columns: [state], where: "state <> 'void'"}
 checks:
-  - {name: orders_total_amount_nonneg, expression: "total_amount >= 0"}
-backfill: {workers: 4, batch_rows: 10000, max_rows_per_second: 0}
-verify: {workers: 4}
+  - {name: orders_amount_nonneg, expression: "amount >= 0"}
+backfill: {workers: 2, batch_rows: 10000}
 cutover: {mode: rename, retired_name: orders_old, lock_timeout: 2s, attempts: 10}
 """
 
 # An independent projection of blue and green for the parity check the demo shows.
-BLUE_PROJECTION = ("SELECT id, customer_id, amount::numeric(12,2), state, note, created_at "
-                   "FROM public.orders")
-GREEN_PROJECTION = "SELECT id, customer_id, total_amount, status, note, created_at FROM public.orders_v2"
+PROJECTION = "SELECT id, customer_id, amount::numeric(12,2), state, note, created_at FROM public.{}"
 
 
 @dataclass
 class Story:
     dsn: str
-    plan: Path
     timings: list[tuple[str, float]] = field(default_factory=list)
 
     def step(self, title: str, action: Callable[[], object]) -> None:
@@ -66,26 +59,53 @@ class Story:
         self.timings.append((title, time.perf_counter() - started))
 
 
-def parity_rows(dsn: str) -> int:
+def parity_rows(dsn: str, blue: str, green: str) -> int:
+    b, g = PROJECTION.format(blue), PROJECTION.format(green)
     with psycopg.connect(dsn) as conn:
-        row = conn.execute(
-            f"SELECT count(*) FROM ((({GREEN_PROJECTION}) EXCEPT ALL ({BLUE_PROJECTION})) UNION ALL "
-            f"(({BLUE_PROJECTION}) EXCEPT ALL ({GREEN_PROJECTION}))) d").fetchone()
+        row = conn.execute(f"SELECT count(*) FROM ((({g}) EXCEPT ALL ({b})) UNION ALL (({b}) EXCEPT ALL ({g}))) d"
+                           ).fetchone()
     return int(row[0]) if row else -1
+
+
+def plant_corruption(dsn: str) -> None:
+    """Damage green behind the trigger's back: a lost row and a wrong value."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("DELETE FROM public.orders_v2 WHERE id = (SELECT min(id) FROM public.orders_v2)")
+        conn.execute("UPDATE public.orders_v2 SET amount = amount + 0.01 WHERE id = (SELECT max(id) FROM public.orders"
+                     " WHERE id < 1000)")
+    log.info("planted: one row deleted from green, one amount changed by 0.01")
 
 
 def run(rows: int, keep: bool) -> int:
     """Run the story; returns the exit code (0 when parity holds and no writer failed)."""
     with embedded_server(keep=keep) as server, tempfile.TemporaryDirectory(prefix="bgsync-demo-") as folder:
         dsn = create_database(server.dsn, "bgsync_demo")
-        plan = Path(folder) / "orders_v2.yaml"
+        plan = Path(folder) / "orders_numeric.yaml"
         plan.write_text(DEMO_PLAN)
         options = commands.Options(dsn=dsn)
-        story = Story(dsn, plan)
+        story = Story(dsn)
         log.info(f"embedded PostgreSQL started; loading {rows:,} orders")
+
         def load() -> None:
             load_sample_schema(dsn)
             seed_sample(dsn, orders=rows)
+
+        def caught_by_verify() -> None:
+            plant_corruption(dsn)
+            try:
+                commands.verify(options, plan)
+            except ParityMismatch as error:
+                log.info(f"verify caught it (exit 1): {error}")
+            else:
+                raise RuntimeError("verify missed the planted corruption")
+
+        stalls: dict[str, float] = {}
+
+        def flip(title: str, action: Callable[[], object]) -> None:
+            workload.longest_stall = 0.0
+            story.step(title, action)
+            time.sleep(0.5)
+            stalls[title] = workload.longest_stall
 
         story.step("load sample data", load)
         workload = Workload(dsn, ORDERS, writers=4, key_space=rows, pause=0.005).start()
@@ -93,17 +113,30 @@ def run(rows: int, keep: bool) -> int:
             story.step("validate", lambda: commands.validate(options, plan))
             story.step("prepare", lambda: commands.prepare(options, plan))
             story.step("backfill", lambda: commands.backfill(options, plan))
+            story.step("verify", lambda: commands.verify(options, plan))
+            story.step("planted corruption caught by verify", caught_by_verify)
+            story.step("verify --repair", lambda: commands.verify(options, plan, repair=True))
+            flip("cutover", lambda: commands.cutover(options, plan))
+            time.sleep(1.0)
+            reverse_diff = parity_rows(dsn, "orders_old", "orders")
+            log.info(f"writes through the live table reached the retired blue table: "
+                     f"{'yes, EXCEPT ALL finds no difference' if reverse_diff == 0 else f'{reverse_diff} rows differ'}")
+            flip("rollback", lambda: commands.rollback(options, plan))
+            story.step("verify after rollback", lambda: commands.verify(options, plan, repair=True))
+            flip("cutover again", lambda: commands.cutover(options, plan))
             time.sleep(0.5)
         finally:
             workload.finish()
-        diff = parity_rows(dsn)
-        summary(story, rows, workload, diff)
+        diff = parity_rows(dsn, "orders_old", "orders")
+        story.step("finalize", lambda: commands.finalize(options, plan, yes=True))
+        summary(story, rows, workload, stalls, diff, reverse_diff)
         if keep:
             log.info(f"server kept running; connect with: {dsn}")
-        return 0 if diff == 0 and not workload.errors else 1
+        return 0 if diff == 0 and reverse_diff == 0 and not workload.errors else 1
 
 
-def summary(story: Story, rows: int, workload: Workload, diff: int) -> None:
+def summary(story: Story, rows: int, workload: Workload, stalls: dict[str, float], diff: int,
+            reverse_diff: int) -> None:
     table = Table(title="bgsync demo summary")
     table.add_column("what")
     table.add_column("value", justify="right")
@@ -111,8 +144,10 @@ def summary(story: Story, rows: int, workload: Workload, diff: int) -> None:
     for title, seconds in story.timings:
         table.add_row(f"time: {title}", f"{seconds:.2f} s")
     table.add_row("writes by the live workload", f"{sum(workload.counts.values()):,}")
-    table.add_row("longest writer stall", f"{workload.longest_stall * 1000:.0f} ms")
+    for title, stall in stalls.items():
+        table.add_row(f"longest writer stall: {title}", f"{stall * 1000:.0f} ms")
     table.add_row("writer errors", str(len(workload.errors)))
     table.add_row("retried lock/serialization errors", str(workload.retried))
-    table.add_row("parity (independent EXCEPT ALL)", "OK" if diff == 0 else f"MISMATCH: {diff} rows")
+    table.add_row("reverse sync after cutover (EXCEPT ALL)", "OK" if reverse_diff == 0 else f"{reverse_diff} rows")
+    table.add_row("parity before finalize (independent EXCEPT ALL)", "OK" if diff == 0 else f"MISMATCH: {diff} rows")
     Console(file=sys.stdout).print(table)

@@ -22,6 +22,10 @@ PROJECTIONS = {
         "SELECT id::bigint, customer_id, amount::numeric(12,2), state, note, created_at FROM public.orders",
         "SELECT id, customer_id, total_amount, status, note, created_at FROM public.orders_v2",
     ),
+    "orders_numeric": (
+        "SELECT id::bigint, customer_id, amount::numeric(12,2), state, note, created_at FROM public.orders",
+        "SELECT id, customer_id, amount, state, note, created_at FROM public.orders_v2",
+    ),
     "accounts_v2": (
         "SELECT id::bigint, email, name, created_at FROM public.accounts",
         "SELECT id, email, name, created_at FROM public.accounts_v2",

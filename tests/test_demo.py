@@ -10,7 +10,7 @@ from tests.helpers import PLANS, ROOT
 
 
 def test_demo_plan_is_the_example_plan() -> None:
-    assert (PLANS / "orders_v2.yaml").read_text() == DEMO_PLAN
+    assert (PLANS / "orders_numeric.yaml").read_text() == DEMO_PLAN
 
 
 def test_demo_runs_to_its_summary() -> None:
