@@ -18,5 +18,12 @@ def test_demo_runs_to_its_summary() -> None:
                           text=True, timeout=600, cwd=ROOT, env={"PATH": "/usr/bin:/bin", "COLUMNS": "120"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "bgsync demo summary" in proc.stdout
-    assert "parity (independent EXCEPT ALL)" in proc.stdout and "OK" in proc.stdout
-    assert "writer errors" in proc.stdout
+    lines = {line.split("│")[1].strip(): line.split("│")[2].strip()
+             for line in proc.stdout.splitlines() if line.count("│") == 3}
+    assert lines["parity before finalize (independent EXCEPT ALL)"] == "OK"
+    assert lines["reverse sync after cutover (EXCEPT ALL)"] == "OK"
+    assert lines["writer errors"] == "0"
+    assert "verify caught it" in proc.stderr
+    for phase in ("validate", "prepare", "backfill", "verify", "verify --repair", "cutover", "rollback",
+                  "cutover again", "finalize"):
+        assert f"time: {phase}" in lines
