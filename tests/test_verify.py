@@ -80,10 +80,12 @@ def test_planted_defects_are_found_by_key_and_column_then_repaired_under_load(ds
 
 
 METRICS = """
-CREATE TABLE public.metrics (id int PRIMARY KEY, amount numeric, ratio float8, at timestamptz, a text, b text);
+CREATE TABLE public.metrics (id int PRIMARY KEY, amount numeric, ratio float8, at timestamptz, a text, b text,
+                             j json);
 INSERT INTO public.metrics
 SELECT g, g / 2.0, CASE WHEN g = 2 THEN 0 ELSE g / 3.0 END, timestamptz '2025-03-30 01:30:00+00' + g * interval '1h',
-       CASE WHEN g = 4 THEN NULL ELSE 'a' || g END, CASE WHEN g = 6 THEN NULL ELSE 'b' || g END
+       CASE WHEN g = 4 THEN NULL ELSE 'a' || g END, CASE WHEN g = 6 THEN NULL ELSE 'b' || g END,
+       json_build_object('g', g)
   FROM generate_series(1, 500) g;
 """
 
@@ -95,7 +97,8 @@ def test_equal_values_that_print_differently_pass_and_real_differences_do_not_hi
     plan = {"name": "metrics_v2", "source": "public.metrics",
             "columns": [{"name": "id", "type": "int", "not_null": True}, {"name": "amount", "type": "numeric"},
                         {"name": "ratio", "type": "float8"}, {"name": "at", "type": "timestamptz"},
-                        {"name": "a", "type": "text"}, {"name": "b", "type": "text"}]}
+                        {"name": "a", "type": "text"}, {"name": "b", "type": "text"},
+                        {"name": "j", "type": "json"}]}
     file = tmp_path / "metrics.yaml"
     file.write_text(yaml.safe_dump(plan))
     assert bgsync(dsn, "prepare", str(file)).code == 0
@@ -108,10 +111,11 @@ def test_equal_values_that_print_differently_pass_and_real_differences_do_not_hi
         conn.execute("UPDATE metrics_v2 SET a = 'NULL' WHERE id = 4")                 # NULL vs 'NULL'
         conn.execute("UPDATE metrics_v2 SET a = b, b = a WHERE id = 5")               # swapped columns
         conn.execute("UPDATE metrics_v2 SET b = '' WHERE id = 6")                     # NULL vs ''
+        conn.execute("""UPDATE metrics_v2 SET j = '{"g": 7}' WHERE id = 7""")      # json has no hash: as text
     result = bgsync(dsn, "verify", str(file), "--json", env={"PGTZ": "America/New_York"})
     assert result.code == 1, result.err
     found = {(tuple(m["key"]), tuple(m["columns"])) for m in json.loads(result.out)["mismatches"]}
-    assert found == {(("4",), ("a",)), (("5",), ("a", "b")), (("6",), ("b",))}
+    assert found == {(("4",), ("a",)), (("5",), ("a", "b")), (("6",), ("b",)), (("7",), ("j",))}
 
 
 def test_verify_refuses_before_backfill(dsn: str) -> None:

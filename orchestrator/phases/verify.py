@@ -68,8 +68,10 @@ class Report:
 
 
 class Projection:
-    """The compared columns: blue's `from` cast to green's type, both normalized the same way so
-    values that are equal but print differently (numeric scale, -0) hash the same."""
+    """The compared columns: blue's `from` cast to green's type. Checksums hash each value with its
+    type's own hash function (`hash_record_extended`), so values that are equal but print
+    differently (numeric scale, -0, time zones) hash the same; types without one are compared as
+    text. Row-by-row diffs compare text, normalized the same way (trim_scale, + 0)."""
 
     def __init__(self, conn: Conn, spec: MigrationSpec) -> None:
         types = {r[0]: (r[1], r[2]) for r in conn.execute(
@@ -81,13 +83,34 @@ class Projection:
         self.names: list[str] = []
         self.blue: list[str] = []
         self.green: list[str] = []
+        self.blue_hashed: list[str] = []
+        self.green_hashed: list[str] = []
         from orchestrator.names import quote_ident
+        version = conn.execute("SELECT current_setting('server_version_num')::int").fetchone()
+        self.record_hash = bool(version and version[0] >= 140000)
         for col in spec.copied_columns:
             full_type, base = types[col.name]
+            blue, green = f"CAST(({col.source_expr}) AS {full_type})", quote_ident(col.name)
             self.names.append(col.name)
-            self.blue.append(_normalize(f"CAST(({col.source_expr}) AS {full_type})", base))
-            self.green.append(_normalize(quote_ident(col.name), base))
+            self.blue.append(_normalize(blue, base))
+            self.green.append(_normalize(green, base))
+            if self.record_hash and _hashable(conn, full_type):
+                self.blue_hashed.append(blue)
+                self.green_hashed.append(green)
+            else:
+                self.blue_hashed.append(f"({_normalize(blue, base)})::text")
+                self.green_hashed.append(f"({_normalize(green, base)})::text")
         self.green_key_types = [types[k][0] for k in spec.green_key]
+
+
+def _hashable(conn: Conn, type_text: str) -> bool:
+    """Does the type have an extended hash function (json, point, xml do not)?"""
+    try:
+        with conn.transaction():
+            conn.execute(f"SELECT hash_record_extended(ROW(NULL::{type_text}), 0)")
+        return True
+    except psycopg.Error:
+        return False
 
 
 def _base_type(conn: Conn, type_text: str) -> str:
@@ -116,7 +139,8 @@ class Queries:
             p = self.projection
             self._cache[key] = _statement(
                 f"verify_{kind}.sql.j2", spec=self.spec, side=side, has_lower=has_lower, has_upper=has_upper,
-                blue_row=", ".join(p.blue).replace("%", "%%"), green_row=", ".join(p.green),
+                blue_row=", ".join(p.blue_hashed).replace("%", "%%"), green_row=", ".join(p.green_hashed),
+                record_hash=p.record_hash,
                 blue_columns=[b.replace("%", "%%") for b in p.blue], green_columns=p.green,
                 green_key_types=p.green_key_types)
         return self._cache[key]

@@ -240,12 +240,12 @@ COMMIT;
 BEGIN;
 -- count and order-independent checksum of blue rows, projected through the plan's `from` expressions
 -- parameters: $1 = <partition lo (exclusive)>, $2 = <partition hi (inclusive)>
-SELECT count(*), coalesce(sum(hashtextextended(ROW(CAST(("id") AS bigint), CAST(("customer_id") AS bigint), trim_scale(CAST((amount::numeric(12,2)) AS numeric(12,2))), CAST((state) AS text), CAST(("note") AS text), CAST(("created_at") AS timestamptz))::text, 0)), 0)
+SELECT count(*), coalesce(sum(hash_record_extended(ROW(CAST(("id") AS bigint), CAST(("customer_id") AS bigint), CAST((amount::numeric(12,2)) AS numeric(12,2)), CAST((state) AS text), CAST(("note") AS text), CAST(("created_at") AS timestamptz)), 0)), 0)
   FROM "public"."orders"
  WHERE ("id") > ($1::bigint) AND ("id") <= ($2::bigint);
 -- count and order-independent checksum of green rows
 -- parameters: $1 = <partition lo (exclusive)>, $2 = <partition hi (inclusive)>
-SELECT count(*), coalesce(sum(hashtextextended(ROW("id", "customer_id", trim_scale("total_amount"), "status", "note", "created_at")::text, 0)), 0)
+SELECT count(*), coalesce(sum(hash_record_extended(ROW("id", "customer_id", "total_amount", "status", "note", "created_at"), 0)), 0)
   FROM "public"."orders_v2"
  WHERE ("id") > ($1::bigint) AND ("id") <= ($2::bigint);
 COMMIT;
