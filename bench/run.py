@@ -181,6 +181,9 @@ def oltp_figure(dsn: str, rows: int, seconds: int, repeat: int) -> Figure:
     results: dict[str, list[float]] = {"orders": [], "orders_plain": []}
     for _ in range(repeat):
         for table in ("orders_plain", "orders"):
+            with psycopg.connect(dsn, autocommit=True) as conn:  # same starting line for both runs
+                conn.execute("VACUUM orders, orders_v2, orders_plain")
+                conn.execute("CHECKPOINT")
             path = Path(str(script).format(table=table))
             path.write_text(f"\\set id random(1, {rows})\n"
                             f"UPDATE {table} SET amount = amount + 1, note = 'oltp' WHERE id = :id;\n"
