@@ -165,6 +165,9 @@ def main() -> None:
         sys.exit(130)
     except psycopg.Error as error:
         message = error.diag.message_primary or str(error)
+        if isinstance(error, psycopg.errors.LockNotAvailable):
+            message += ("; another session holds a lock bgsync needs to read the catalog; nothing was changed, "
+                        "try again when it is free")
         console.print(f"FAILED: database error: {db.redact(message.strip())}", style="red", markup=False,
                       highlight=False)
         sys.exit(3)

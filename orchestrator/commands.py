@@ -41,8 +41,8 @@ class Options:
 
 
 @contextmanager
-def _connection(options: Options, purpose: str) -> Iterator[Conn]:
-    conn = db.connect(db.resolve_dsn(options.dsn), purpose)
+def _connection(options: Options, purpose: str, lock_timeout: str = db.DEFAULT_LOCK_TIMEOUT) -> Iterator[Conn]:
+    conn = db.connect(db.resolve_dsn(options.dsn), purpose, lock_timeout=lock_timeout)
     try:
         yield conn
     finally:
@@ -84,7 +84,7 @@ def init(options: Options, table: str, output: Path | None) -> None:
 
 def validate(options: Options, plan_path: Path) -> Validation:
     plan = load_plan(plan_path)
-    with _connection(options, f"validate {plan.name}") as conn:
+    with _connection(options, f"validate {plan.name}", plan.cutover.lock_timeout) as conn:
         result = validate_live(conn, plan, options.state_schema)
         conn.rollback()
     spec = result.spec
@@ -108,7 +108,7 @@ def validate(options: Options, plan_path: Path) -> Validation:
 def sql(options: Options, plan_path: Path, phase: str) -> None:
     plan = load_plan(plan_path)
     phases = PHASES_WITH_SQL if phase == "all" else (phase,)
-    with _connection(options, f"sql {plan.name}") as conn:
+    with _connection(options, f"sql {plan.name}", plan.cutover.lock_timeout) as conn:
         for name in phases:
             if name == "prepare":
                 prepare(options, plan_path, dry_run=True, conn=conn)
@@ -128,7 +128,7 @@ def sql(options: Options, plan_path: Path, phase: str) -> None:
 def prepare(options: Options, plan_path: Path, *, dry_run: bool = False, conn: Conn | None = None) -> None:
     plan = load_plan(plan_path)
     if conn is None:
-        with _connection(options, f"prepare {plan.name}") as own:
+        with _connection(options, f"prepare {plan.name}", plan.cutover.lock_timeout) as own:
             return prepare(options, plan_path, dry_run=dry_run, conn=own)
     row = get_migration(conn, options.state_schema, plan.name)
     if row is not None and row.active and not dry_run:
@@ -282,7 +282,7 @@ def cutover(options: Options, plan_path: Path, *, lock_timeout: str | None = Non
             dry_run: bool = False, conn: Conn | None = None) -> None:
     plan = load_plan(plan_path)
     if conn is None:
-        with _connection(options, f"cutover {plan.name}") as own:
+        with _connection(options, f"cutover {plan.name}", plan.cutover.lock_timeout) as own:
             return cutover(options, plan_path, lock_timeout=lock_timeout, attempts=attempts, dry_run=dry_run,
                            conn=own)
     row = get_migration(conn, options.state_schema, plan.name)
@@ -317,7 +317,7 @@ def cutover(options: Options, plan_path: Path, *, lock_timeout: str | None = Non
 def rollback(options: Options, plan_path: Path, *, dry_run: bool = False, conn: Conn | None = None) -> None:
     plan = load_plan(plan_path)
     if conn is None:
-        with _connection(options, f"rollback {plan.name}") as own:
+        with _connection(options, f"rollback {plan.name}", plan.cutover.lock_timeout) as own:
             return rollback(options, plan_path, dry_run=dry_run, conn=own)
     row = get_migration(conn, options.state_schema, plan.name)
     if row is None or row.phase == "rolled_back":
@@ -350,7 +350,7 @@ def rollback(options: Options, plan_path: Path, *, dry_run: bool = False, conn: 
 def finalize(options: Options, plan_path: Path, *, yes: bool = False, dry_run: bool = False,
              confirm: Any = None) -> None:
     plan = load_plan(plan_path)
-    with _connection(options, f"finalize {plan.name}") as conn:
+    with _connection(options, f"finalize {plan.name}", plan.cutover.lock_timeout) as conn:
         row = _prepared_row(conn, plan, options, ("cut_over",), "finalize")
         unit = rollback_phase.finalize_unit(row.spec, row, plan.cutover.lock_timeout, plan.cutover.attempts)
         conn.rollback()

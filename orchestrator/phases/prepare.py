@@ -12,9 +12,11 @@ from orchestrator.spec import MigrationSpec, forward_sync
 
 
 def prepare_units(plan: Plan, spec: MigrationSpec, current_user: str) -> list[Unit]:
-    """The journal, then green + triggers + the journal row, atomically under lock_timeout retries."""
+    """The journal, green, the triggers and the journal row in one transaction under lock_timeout
+    retries: a prepare that fails or is killed leaves nothing behind."""
 
-    statements = [Statement(d, s) for d, s in render_steps(
+    statements = list(journal_unit(spec.state_schema).statements)
+    statements += [Statement(d, s) for d, s in render_steps(
         "prepare.sql.j2", spec=spec, current_user=current_user, sync=forward_sync(spec), title="forward sync")]
     statements += [Statement(d, s + "\nRETURNING name",
                              expect_rows=f"migration {spec.name} is already registered and active; see `bgsync status`")
@@ -24,4 +26,4 @@ def prepare_units(plan: Plan, spec: MigrationSpec, current_user: str) -> list[Un
         plan_json=json.dumps(plan.structural_dump(), sort_keys=True), spec_json=spec_to_json(spec))]
     main = Unit(f"prepare {spec.name}: green {spec.green} and forward triggers on {spec.blue}", statements,
                 lock_timeout=plan.cutover.lock_timeout, attempts=plan.cutover.attempts, phase="prepare")
-    return [journal_unit(spec.state_schema), main]
+    return [main]

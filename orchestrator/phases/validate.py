@@ -9,7 +9,7 @@ import psycopg
 
 from orchestrator import catalog
 from orchestrator.catalog import Dependent, TableInfo
-from orchestrator.errors import PlanError
+from orchestrator.errors import DatabaseError, PlanError
 from orchestrator.executor import Executor, Statement
 from orchestrator.journal import MigrationRow, get_migration
 from orchestrator.names import QualifiedName
@@ -73,9 +73,9 @@ def typecheck(conn: Conn, plan: Plan, spec: MigrationSpec, blue: TableInfo) -> l
     runner = Executor(conn=None, dry_run=False)
     try:
         with conn.transaction(force_rollback=True):
-            conn.execute("SELECT set_config('search_path', %s, true), set_config('lock_timeout', '5s', true),"
+            conn.execute("SELECT set_config('search_path', %s, true), set_config('lock_timeout', %s, true),"
                          " set_config('statement_timeout', '30s', true)",
-                         [", ".join(_quoted(s) for s in spec.search_path)])
+                         [", ".join(_quoted(s) for s in spec.search_path), plan.cutover.lock_timeout])
             types_ok = True
             for field, text in steps:
                 if field == "columns" and not types_ok:
@@ -83,6 +83,8 @@ def typecheck(conn: Conn, plan: Plan, spec: MigrationSpec, blue: TableInfo) -> l
                 try:
                     with conn.transaction():
                         runner.execute(conn, Statement(field, text))
+                except psycopg.errors.LockNotAvailable:
+                    raise
                 except psycopg.Error as error:
                     message = (error.diag.message_primary or str(error)).strip()
                     problems.append(f"{field}: {message}")
@@ -91,7 +93,8 @@ def typecheck(conn: Conn, plan: Plan, spec: MigrationSpec, blue: TableInfo) -> l
                     if field == "columns":
                         break
     except psycopg.errors.LockNotAvailable:
-        problems.append(f"source: {blue.name.display()} is locked by another session; try again")
+        raise DatabaseError(f"source {blue.name.display()} is locked by another session beyond lock_timeout "
+                            f"{plan.cutover.lock_timeout}; nothing was changed, try again when it is free") from None
     return problems
 
 

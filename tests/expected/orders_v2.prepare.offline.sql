@@ -1,5 +1,6 @@
--- state journal
+-- prepare orders_v2: green "public"."orders_v2" and forward triggers on "public"."orders"
 BEGIN;
+SET LOCAL lock_timeout = '2s';
 -- serialize journal creation between concurrent bgsync processes
 SELECT pg_advisory_xact_lock(hashtext('bgsync journal'));
 -- state schema
@@ -61,11 +62,6 @@ CREATE TABLE IF NOT EXISTS "bgsync"."verify_runs" (
 ALTER TABLE "bgsync"."migrations" ADD COLUMN IF NOT EXISTS cutover jsonb;
 -- journal format version
 COMMENT ON SCHEMA "bgsync" IS 'bgsync state (format 1)';
-COMMIT;
-
--- prepare orders_v2: green "public"."orders_v2" and forward triggers on "public"."orders"
-BEGIN;
-SET LOCAL lock_timeout = '2s';
 -- green's own sequence for id (blue's is orders_id_seq)
 CREATE SEQUENCE "public"."orders_v2_id_seq";
 -- create green "public"."orders_v2" (secondary indexes are deferred to the end of the backfill)

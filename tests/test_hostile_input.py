@@ -1,0 +1,135 @@
+"""Issue 5.5: a fuzzed plan generator never produces a traceback, only exit 2 with a field path;
+a DSN's password never reaches stdout, stderr, the journal or the event log."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from orchestrator import commands
+from orchestrator.errors import BgsyncError, PlanError
+from orchestrator.plan import load_plan, parse_plan
+from tests.helpers import PLANS, bgsync, load_schema, seed
+
+FIELD_LINE = re.compile(r"^[^\s:][^:]*: .+", re.S)
+odd_text = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=80)
+scalars = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**12), st.floats(allow_nan=True), odd_text)
+names = st.one_of(st.sampled_from(["id", "customer_id", "amount", "state", "note", "created_at", "Id", 'a"b',
+                                   "x; DROP TABLE orders", "ünï", "select", "", "a" * 70]), odd_text, scalars)
+expressions = st.one_of(st.sampled_from(["amount::numeric", "state", "1; SELECT 1", "$bgsync_body$", "now()",
+                                         "(", "NULL", "amount %% 2", "'x'", "round(amount)::int"]), odd_text, scalars)
+column = st.fixed_dictionaries(
+    {"name": names},
+    optional={"type": st.one_of(st.sampled_from(["bigint", "text", "numeric(12,2)", "txet", "int[]"]), scalars),
+              "not_null": scalars, "from": expressions, "reverse": expressions, "reverse_column": names,
+              "default": expressions, "colour": scalars})
+plans = st.fixed_dictionaries(
+    {},
+    optional={
+        "name": st.one_of(st.sampled_from(["orders_v2", "Orders", "a" * 50, "x-y"]), scalars),
+        "source": st.one_of(st.sampled_from(["public.orders", "orders", 'public."Orders"', "a.b.c", "public.nope",
+                                             "public.orders; drop table x"]), scalars),
+        "target": st.one_of(st.sampled_from(["public.orders_v2", "public.accounts"]), scalars),
+        "key": st.one_of(st.lists(names, max_size=3), scalars),
+        "columns": st.one_of(st.lists(column, max_size=6), scalars),
+        "indexes": st.one_of(st.lists(st.fixed_dictionaries({"columns": st.lists(names, max_size=2)},
+                                                            optional={"where": expressions, "unique": scalars}),
+                                      max_size=2), scalars),
+        "checks": st.one_of(st.lists(st.fixed_dictionaries({"name": names, "expression": expressions}), max_size=2),
+                            scalars),
+        "backfill": st.one_of(st.dictionaries(st.sampled_from(["workers", "batch_rows", "max_rows_per_second",
+                                                               "speed"]), scalars, max_size=3), scalars),
+        "cutover": st.one_of(st.dictionaries(st.sampled_from(["mode", "retired_name", "lock_timeout", "attempts"]),
+                                             scalars, max_size=3), scalars),
+        "surprise": scalars,
+    })
+
+
+def _check_problems(error: PlanError) -> None:
+    assert error.exit_code == 2 and error.problems
+    for line in error.problems:
+        assert FIELD_LINE.match(line), line
+
+
+@settings(max_examples=400, deadline=None)
+@given(plans)
+def test_fuzzed_plans_are_valid_or_name_the_field(data: dict[str, Any]) -> None:
+    try:
+        parse_plan(data)
+    except PlanError as error:
+        _check_problems(error)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.one_of(odd_text, st.binary(max_size=200).map(lambda b: b.decode("latin-1"))))
+def test_fuzzed_plan_files_never_trace_back(tmp_path: Path, text: str) -> None:
+    file = tmp_path / "fuzz.yaml"
+    file.write_text(text, encoding="utf-8")
+    try:
+        load_plan(file)
+    except PlanError as error:
+        _check_problems(error)
+
+
+def test_fuzzed_plans_against_a_live_database_exit_2_and_change_nothing(dsn: str, tmp_path: Path) -> None:
+    load_schema(dsn)
+    seed(dsn, orders=50, accounts=20)
+    options = commands.Options(dsn=dsn)
+    file = tmp_path / "plan.yaml"
+    import yaml
+
+    @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(plans)
+    def check(data: dict[str, Any]) -> None:
+        file.write_text(yaml.safe_dump(data, allow_unicode=True))
+        try:
+            commands.validate(options, file)
+        except BgsyncError as error:
+            assert error.exit_code == 2, error
+            if isinstance(error, PlanError):
+                _check_problems(error)
+
+    check()
+    with psycopg.connect(dsn) as conn:
+        assert conn.execute("SELECT to_regnamespace('bgsync')").fetchone() == (None,)
+        assert conn.execute("SELECT count(*) FROM pg_class WHERE relname LIKE '%%v2%%'").fetchone() == (0,)
+
+
+PASSWORD = "S3cr3t-p@ss;word"
+
+
+def test_password_never_appears_anywhere(dsn: str, tmp_path: Path) -> None:
+    load_schema(dsn)
+    seed(dsn, orders=3_000)
+    params = conninfo_to_dict(dsn)
+    with_password = make_conninfo(dsn, password=PASSWORD)
+    user = params.get("user") or "postgres"
+    uri = f"postgresql://{user}:{PASSWORD.replace('@', '%40').replace(';', '%3B')}@127.0.0.1:1/nowhere"
+    plan = str(PLANS / "orders_numeric.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: orders_numeric\nsource: public.nope\ncolumns: [{name: id, type: int}]\n")
+    outputs = []
+    for args in (("validate", plan), ("prepare", plan), ("backfill", plan), ("verify", plan, "--json"),
+                 ("status", "--json"), ("cutover", plan, "--dry-run"), ("validate", str(bad)),
+                 ("sql", plan, "--phase", "all")):
+        result = bgsync(with_password, *args)
+        outputs.append((args, result))
+        assert "Traceback" not in result.err
+    unreachable = bgsync(uri, "status")
+    outputs.append((("status", "unreachable"), unreachable))
+    assert unreachable.code == 3 and "cannot connect" in unreachable.err
+    for args, result in outputs:
+        assert PASSWORD not in result.out and PASSWORD not in result.err, args
+        assert "p@ss" not in result.err and "p%40ss" not in result.err, args
+    with psycopg.connect(dsn) as conn:
+        for table in ("events", "migrations", "chunks", "verify_runs"):
+            dump = conn.execute(f"SELECT coalesce(string_agg(t::text, ' '), '') FROM bgsync.{table} t").fetchone()
+            assert dump is not None and PASSWORD not in dump[0], table
+        apps = conn.execute("SELECT string_agg(application_name, ' ') FROM pg_stat_activity").fetchone()
+        assert apps is not None and PASSWORD not in (apps[0] or "")
