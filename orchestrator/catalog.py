@@ -7,7 +7,7 @@ from typing import Any
 
 import psycopg
 
-from orchestrator.names import QualifiedName
+from orchestrator.names import QualifiedName, parse_qualified_name
 
 Conn = psycopg.Connection[Any]
 
@@ -286,7 +286,6 @@ def serial_sequence(conn: Conn, table: str, column: str) -> QualifiedName | None
     row = conn.execute("SELECT pg_get_serial_sequence(%s, %s)", [table, column]).fetchone()
     if not row or row[0] is None:
         return None
-    from orchestrator.names import parse_qualified_name
     schema, name = parse_qualified_name(row[0])
     return QualifiedName(schema or "public", name)
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import psycopg
 from psycopg import errors as pgerrors
+from psycopg import sql
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from orchestrator import db, log
@@ -56,7 +57,7 @@ def estimate_rows(conn: Conn, spec: MigrationSpec, *, exact_fallback: bool = Tru
     estimate = float(row[0]) if row and row[0] is not None else -1.0
     if estimate > 0 or not exact_fallback:
         return max(0, int(estimate))
-    counted = conn.execute(f"SELECT count(*) FROM {spec.blue}").fetchone()
+    counted = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(spec.blue.ident())).fetchone()
     return int(counted[0]) if counted else 0
 
 

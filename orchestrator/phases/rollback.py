@@ -12,6 +12,7 @@ from orchestrator import catalog
 from orchestrator.catalog import ForeignKey
 from orchestrator.executor import Statement, Unit
 from orchestrator.journal import MigrationRow
+from orchestrator.names import QualifiedName
 from orchestrator.phases.cutover import FreeNames, Rename, _refuse_materialized, fk_columns, sequence_pairs
 from orchestrator.render import render_steps
 from orchestrator.spec import MigrationSpec, forward_sync, reverse_sync
@@ -50,7 +51,7 @@ def uncutover_unit(conn: Conn, spec: MigrationSpec, row: MigrationRow, lock_time
         "uncutover.sql.j2", spec=spec, spec_mode=mode, live=live, forward=forward_sync(spec),
         reverse=reverse_sync(spec, live), sequences=sequences, renames=renames, views=views, fks=fks,
         fk_target=spec.blue, fk_columns=columns, current_user=current_user,
-        parked_view=None if parked is None else type(spec.blue)(spec.blue.schema, parked))
+        parked_view=None if parked is None else QualifiedName(spec.blue.schema, parked))
     statements = [Statement(d, s) for d, s in steps]
     statements[-1] = Statement(statements[-1].description, statements[-1].sql,
                                expect_rows=f"rollback {spec.name} refused: the migration is no longer cut over")

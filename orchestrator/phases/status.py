@@ -8,7 +8,7 @@ import psycopg
 
 from orchestrator import catalog
 from orchestrator.journal import get_migration, journal_exists
-from orchestrator.names import quote_ident
+from orchestrator.names import QualifiedName, quote_ident
 from orchestrator.spec import MigrationSpec, forward_sync, reverse_sync
 
 Conn = psycopg.Connection[Any]
@@ -51,7 +51,7 @@ def migration_status(conn: Conn, schema: str, name: str) -> dict[str, Any]:
     verify = conn.execute(
         f"""SELECT passed, finished_at, (result->>'mismatched_rows')::bigint FROM {s}.verify_runs
              WHERE migration = %s ORDER BY id DESC LIMIT 1""", [name]).fetchone() \
-        if catalog.relation_exists(conn, type(spec.blue)(schema, "verify_runs")) else None
+        if catalog.relation_exists(conn, QualifiedName(schema, "verify_runs")) else None
     triggers_expected, tables_expected = expected_objects(spec, row.phase, mode)
     drift: list[str] = []
     present_all: dict[str, dict[str, str]] = {}

@@ -12,7 +12,7 @@ from orchestrator.catalog import Dependent, TableInfo
 from orchestrator.errors import DatabaseError, PlanError
 from orchestrator.executor import Executor, Statement
 from orchestrator.journal import MigrationRow, get_migration
-from orchestrator.names import QualifiedName
+from orchestrator.names import QualifiedName, quote_ident
 from orchestrator.plan import Plan
 from orchestrator.render import render_steps
 from orchestrator.spec import MigrationSpec, build_spec
@@ -75,7 +75,7 @@ def typecheck(conn: Conn, plan: Plan, spec: MigrationSpec, blue: TableInfo) -> l
         with conn.transaction(force_rollback=True):
             conn.execute("SELECT set_config('search_path', %s, true), set_config('lock_timeout', %s, true),"
                          " set_config('statement_timeout', '30s', true)",
-                         [", ".join(_quoted(s) for s in spec.search_path), plan.cutover.lock_timeout])
+                         [", ".join(quote_ident(s) for s in spec.search_path), plan.cutover.lock_timeout])
             types_ok = True
             for field, text in steps:
                 if field == "columns" and not types_ok:
@@ -96,8 +96,3 @@ def typecheck(conn: Conn, plan: Plan, spec: MigrationSpec, blue: TableInfo) -> l
         raise DatabaseError(f"source {blue.name.display()} is locked by another session beyond lock_timeout "
                             f"{plan.cutover.lock_timeout}; nothing was changed, try again when it is free") from None
     return problems
-
-
-def _quoted(schema: str) -> str:
-    from orchestrator.names import quote_ident
-    return quote_ident(schema)

@@ -19,6 +19,7 @@ from orchestrator import db, log
 from orchestrator.errors import DatabaseError
 from orchestrator.executor import Executor, Statement, Unit
 from orchestrator.journal import journal_unit, phase_statement
+from orchestrator.names import quote_ident
 from orchestrator.phases.backfill import BatchSql, Key, _statement, _with, session_statements
 from orchestrator.render import render_steps
 from orchestrator.spec import MigrationSpec
@@ -85,7 +86,6 @@ class Projection:
         self.green: list[str] = []
         self.blue_hashed: list[str] = []
         self.green_hashed: list[str] = []
-        from orchestrator.names import quote_ident
         version = conn.execute("SELECT current_setting('server_version_num')::int").fetchone()
         self.record_hash = bool(version and version[0] >= 140000)
         for col in spec.copied_columns:
@@ -217,7 +217,7 @@ class Checker:
 
 def partitions(conn: Conn, spec: MigrationSpec) -> list[Range]:
     rows = conn.execute(
-        f"SELECT lo, hi FROM {_q(spec.state_schema)}.chunks WHERE migration = %s ORDER BY chunk_no",
+        f"SELECT lo, hi FROM {quote_ident(spec.state_schema)}.chunks WHERE migration = %s ORDER BY chunk_no",
         [spec.name]).fetchall()
     if not rows:
         return [Range(None, None)]
@@ -226,11 +226,6 @@ def partitions(conn: Conn, spec: MigrationSpec) -> list[Range]:
     ranges[0] = Range(None, ranges[0].hi)
     ranges[-1] = Range(ranges[-1].lo, None)
     return ranges
-
-
-def _q(name: str) -> str:
-    from orchestrator.names import quote_ident
-    return quote_ident(name)
 
 
 def run(conn: Conn, dsn: str, spec: MigrationSpec, workers: int, *, record: bool = True) -> Report:
