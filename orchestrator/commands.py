@@ -29,6 +29,7 @@ from orchestrator.plan import Plan, load_plan, plan_json_schema
 from orchestrator.spec import DEFAULT_STATE_SCHEMA, MigrationSpec
 
 Conn = psycopg.Connection[Any]
+PRE_CUTOVER = ("prepared", "backfilling", "backfilled", "verified", "mismatch", "reverted")
 PHASES_WITH_SQL = ("prepare", "backfill", "verify", "cutover", "rollback", "finalize")
 
 
@@ -156,7 +157,7 @@ def prepare(options: Options, plan_path: Path, *, dry_run: bool = False, conn: C
 def _check_prepared(conn: Conn, row: MigrationRow) -> None:
     """The journal says prepared: the catalog must agree, or we say what drifted."""
     spec = row.spec
-    if row.phase in ("prepared", "backfilling", "backfilled", "verified", "mismatch"):
+    if row.phase in PRE_CUTOVER:
         missing = []
         if catalog.relation_exists(conn, spec.green) is None:
             missing.append(f"green table {spec.green}")
@@ -222,6 +223,7 @@ def verify(options: Options, plan_path: Path, *, workers: int | None = None, as_
         conn.rollback()
         return verify_phase.Report(migration=plan.name)
     row = _prepared_row(conn, plan, options, VERIFIABLE, "verify")
+    _check_prepared(conn, row)
     conn.rollback()
     dsn = db.resolve_dsn(options.dsn)
     with migration_lock(conn, plan.name, shared=True):
@@ -263,9 +265,6 @@ def _show(values: dict[str, str | None] | None, column: str) -> str:
     return "NULL" if value is None else repr(value)
 
 
-PRE_CUTOVER = ("prepared", "backfilling", "backfilled", "verified", "mismatch", "reverted")
-
-
 def _run_fk_validation(executor: Executor, unit: Unit | None) -> None:
     """Foreign keys re-pointed NOT VALID are validated after the lock is gone; a failure is reported,
     the constraint stays enforced for new rows."""
@@ -293,6 +292,7 @@ def cutover(options: Options, plan_path: Path, *, lock_timeout: str | None = Non
     row = _prepared_row(conn, plan, options, ("verified",) if not dry_run else PRE_CUTOVER, "cutover")
     if not dry_run and row.phase != "verified":
         raise GateRefused(f"cutover {plan.name} refused: it needs a passing verify after the last backfill")
+    _check_prepared(conn, row)
     timeout = lock_timeout or plan.cutover.lock_timeout
     unit, fks = cutover_phase.cutover_units(conn, row.spec, plan.cutover.mode, timeout,
                                             attempts or plan.cutover.attempts, catalog.current_user(conn))

@@ -262,7 +262,10 @@ def test_status_json_is_schema_stable_and_reports_drift(dsn: str, tmp_path: Path
     assert json.loads(drifted.out)["migrations"][0]["drift"] == [
         "trigger bgsync_accounts_v2_fwd_upd on public.accounts is missing"]
     assert "DRIFT" in drifted.err
-    assert bgsync(dsn, "cutover", str(plan)).code != 0 or True
+    # a gate refuses to flip on drift: without the trigger, green may have missed writes
+    for command in ("verify", "cutover"):
+        refused = bgsync(dsn, command, str(plan))
+        assert refused.code == 1 and "bgsync_accounts_v2_fwd_upd" in refused.err, (command, refused.err)
 
 
 def test_run_through_verify_and_auto_rollback(dsn: str, tmp_path: Path) -> None:
