@@ -6,7 +6,7 @@ import json
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ from orchestrator.plan import Plan, load_plan, plan_json_schema
 from orchestrator.spec import DEFAULT_STATE_SCHEMA, MigrationSpec
 
 Conn = psycopg.Connection[Any]
+VERIFIABLE = ("backfilled", "verified", "mismatch", "reverted")
 PRE_CUTOVER = ("prepared", "backfilling", "backfilled", "verified", "mismatch", "reverted")
 PHASES_WITH_SQL = ("prepare", "backfill", "verify", "cutover", "rollback", "finalize")
 
@@ -39,6 +40,12 @@ class Options:
 
     dsn: str | None = None
     state_schema: str = DEFAULT_STATE_SCHEMA
+
+
+def _use(conn: Conn | None, options: Options, purpose: str, lock_timeout: str = db.DEFAULT_LOCK_TIMEOUT
+         ) -> AbstractContextManager[Conn]:
+    """The caller's connection (`bgsync sql` prints several phases on one), else a new one."""
+    return nullcontext(conn) if conn is not None else _connection(options, purpose, lock_timeout)
 
 
 @contextmanager
@@ -128,30 +135,28 @@ def sql(options: Options, plan_path: Path, phase: str) -> None:
 
 def prepare(options: Options, plan_path: Path, *, dry_run: bool = False, conn: Conn | None = None) -> None:
     plan = load_plan(plan_path)
-    if conn is None:
-        with _connection(options, f"prepare {plan.name}", plan.cutover.lock_timeout) as own:
-            return prepare(options, plan_path, dry_run=dry_run, conn=own)
-    row = get_migration(conn, options.state_schema, plan.name)
-    if row is not None and row.active and not dry_run:
-        require_same_plan(row, plan)
-        _check_prepared(conn, row)
-        log.success(f"migration {plan.name} is already prepared (phase {row.phase}); nothing to do")
+    with _use(conn, options, f"prepare {plan.name}", plan.cutover.lock_timeout) as conn:
+        row = get_migration(conn, options.state_schema, plan.name)
+        if row is not None and row.active and not dry_run:
+            require_same_plan(row, plan)
+            _check_prepared(conn, row)
+            log.success(f"migration {plan.name} is already prepared (phase {row.phase}); nothing to do")
+            conn.rollback()
+            return None
+        validation = validate_live(conn, plan, options.state_schema)
         conn.rollback()
+        units = prepare_units(plan, validation.spec, catalog.current_user(conn))
+        executor = Executor(conn, dry_run=dry_run, migration=plan.name, state_schema=options.state_schema)
+        if dry_run:
+            for unit in units:
+                executor.run(unit)
+            return None
+        with migration_lock(conn, plan.name):
+            for unit in units:
+                executor.run(unit)
+        log.success(f"prepared {plan.name}: green {validation.spec.green} created, forward triggers enabled "
+                    f"(ALWAYS) on {validation.spec.blue}")
         return None
-    validation = validate_live(conn, plan, options.state_schema)
-    conn.rollback()
-    units = prepare_units(plan, validation.spec, catalog.current_user(conn))
-    executor = Executor(conn, dry_run=dry_run, migration=plan.name, state_schema=options.state_schema)
-    if dry_run:
-        for unit in units:
-            executor.run(unit)
-        return None
-    with migration_lock(conn, plan.name):
-        for unit in units:
-            executor.run(unit)
-    log.success(f"prepared {plan.name}: green {validation.spec.green} created, forward triggers enabled "
-                f"(ALWAYS) on {validation.spec.blue}")
-    return None
 
 
 def _check_prepared(conn: Conn, row: MigrationRow) -> None:
@@ -177,26 +182,20 @@ def backfill(options: Options, plan_path: Path, *, workers: int | None = None, b
         max_rows_per_second=plan.backfill.max_rows_per_second if max_rows_per_second is None
         else max_rows_per_second)
     dsn = db.resolve_dsn(options.dsn)
-    if conn is None:
-        with _connection(options, f"backfill {plan.name}") as own:
-            return backfill(options, plan_path, workers=workers, batch_rows=batch_rows,
-                            max_rows_per_second=max_rows_per_second, dry_run=dry_run, conn=own)
-    spec, row = _spec_for(conn, plan, options)
-    conn.rollback()
-    if dry_run:
-        backfill_phase.print_plan(conn, spec, settings)
+    with _use(conn, options, f"backfill {plan.name}") as conn:
+        spec, row = _spec_for(conn, plan, options)
+        conn.rollback()
+        if dry_run:
+            backfill_phase.print_plan(conn, spec, settings)
+            return None
+        if row is None or not row.active:
+            raise GateRefused(f"migration {plan.name} is not prepared; run `bgsync prepare` first")
+        _check_prepared(conn, row)
+        if row.phase not in ("prepared", "backfilling", "backfilled", "mismatch", "verified"):
+            raise GateRefused(f"migration {plan.name} is {row.phase}; backfill runs only before cutover")
+        with migration_lock(conn, plan.name, shared=True):
+            backfill_phase.run(conn, dsn, spec, settings)
         return None
-    if row is None or not row.active:
-        raise GateRefused(f"migration {plan.name} is not prepared; run `bgsync prepare` first")
-    _check_prepared(conn, row)
-    if row.phase not in ("prepared", "backfilling", "backfilled", "mismatch", "verified"):
-        raise GateRefused(f"migration {plan.name} is {row.phase}; backfill runs only before cutover")
-    with migration_lock(conn, plan.name, shared=True):
-        backfill_phase.run(conn, dsn, spec, settings)
-    return None
-
-
-VERIFIABLE = ("backfilled", "verified", "mismatch", "reverted")
 
 
 def _prepared_row(conn: Conn, plan: Plan, options: Options, phases: tuple[str, ...], verb: str) -> MigrationRow:
@@ -213,33 +212,30 @@ def _prepared_row(conn: Conn, plan: Plan, options: Options, phases: tuple[str, .
 def verify(options: Options, plan_path: Path, *, workers: int | None = None, as_json: bool = False,
            repair: bool = False, dry_run: bool = False, conn: Conn | None = None) -> verify_phase.Report:
     plan = load_plan(plan_path)
-    if conn is None:
-        with _connection(options, f"verify {plan.name}") as own:
-            return verify(options, plan_path, workers=workers, as_json=as_json, repair=repair, dry_run=dry_run,
-                          conn=own)
-    if dry_run:
-        spec, _ = _spec_for(conn, plan, options)
-        verify_phase.print_plan(conn, spec)
+    with _use(conn, options, f"verify {plan.name}") as conn:
+        if dry_run:
+            spec, _ = _spec_for(conn, plan, options)
+            verify_phase.print_plan(conn, spec)
+            conn.rollback()
+            return verify_phase.Report(migration=plan.name)
+        row = _prepared_row(conn, plan, options, VERIFIABLE, "verify")
+        _check_prepared(conn, row)
         conn.rollback()
-        return verify_phase.Report(migration=plan.name)
-    row = _prepared_row(conn, plan, options, VERIFIABLE, "verify")
-    _check_prepared(conn, row)
-    conn.rollback()
-    dsn = db.resolve_dsn(options.dsn)
-    with migration_lock(conn, plan.name, shared=True):
-        report = verify_phase.run(conn, dsn, row.spec, workers or plan.verify.workers)
-        if not report.passed and repair:
-            if not as_json:
-                _print_report(report, as_json)
-            count = verify_phase.repair(conn, row.spec, report)
-            log.info(f"repaired {count} range(s); verifying again")
-            first = report
+        dsn = db.resolve_dsn(options.dsn)
+        with migration_lock(conn, plan.name, shared=True):
             report = verify_phase.run(conn, dsn, row.spec, workers or plan.verify.workers)
-            report.repaired = first
-    _print_report(report, as_json)
-    if not report.passed:
-        raise ParityMismatch(f"verify {plan.name}: {report.mismatched_rows} row(s) differ between blue and green")
-    return report
+            if not report.passed and repair:
+                if not as_json:
+                    _print_report(report, as_json)
+                count = verify_phase.repair(conn, row.spec, report)
+                log.info(f"repaired {count} range(s); verifying again")
+                first = report
+                report = verify_phase.run(conn, dsn, row.spec, workers or plan.verify.workers)
+                report.repaired = first
+        _print_report(report, as_json)
+        if not report.passed:
+            raise ParityMismatch(f"verify {plan.name}: {report.mismatched_rows} row(s) differ between blue and green")
+        return report
 
 
 def _print_report(report: verify_phase.Report, as_json: bool) -> None:
@@ -280,71 +276,67 @@ def _run_fk_validation(executor: Executor, unit: Unit | None) -> None:
 def cutover(options: Options, plan_path: Path, *, lock_timeout: str | None = None, attempts: int | None = None,
             dry_run: bool = False, conn: Conn | None = None) -> None:
     plan = load_plan(plan_path)
-    if conn is None:
-        with _connection(options, f"cutover {plan.name}", plan.cutover.lock_timeout) as own:
-            return cutover(options, plan_path, lock_timeout=lock_timeout, attempts=attempts, dry_run=dry_run,
-                           conn=own)
-    row = get_migration(conn, options.state_schema, plan.name)
-    if dry_run and (row is None or not row.active):
-        sys.stdout.write(f"-- cutover {plan.name}: its SQL depends on green's catalog; it is printed once "
-                         f"`bgsync prepare` has created green\n\n")
+    with _use(conn, options, f"cutover {plan.name}", plan.cutover.lock_timeout) as conn:
+        row = get_migration(conn, options.state_schema, plan.name)
+        if dry_run and (row is None or not row.active):
+            sys.stdout.write(f"-- cutover {plan.name}: its SQL depends on green's catalog; it is printed once "
+                             f"`bgsync prepare` has created green\n\n")
+            return None
+        row = _prepared_row(conn, plan, options, ("verified",) if not dry_run else PRE_CUTOVER, "cutover")
+        if not dry_run and row.phase != "verified":
+            raise GateRefused(f"cutover {plan.name} refused: it needs a passing verify after the last backfill")
+        _check_prepared(conn, row)
+        timeout = lock_timeout or plan.cutover.lock_timeout
+        unit, fks = cutover_phase.cutover_units(conn, row.spec, plan.cutover.mode, timeout,
+                                                attempts or plan.cutover.attempts, catalog.current_user(conn))
+        conn.rollback()
+        executor = Executor(conn, dry_run=dry_run, migration=plan.name, state_schema=options.state_schema)
+        if dry_run:
+            executor.run(unit)
+            fk_unit = cutover_phase.validate_fk_unit(row.spec, fks, "cutover")
+            if fk_unit:
+                executor.run(fk_unit)
+            return None
+        with migration_lock(conn, plan.name):
+            started = time.perf_counter()
+            executor.run(unit)
+            held = time.perf_counter() - started
+            _run_fk_validation(executor, cutover_phase.validate_fk_unit(row.spec, fks, "cutover"))
+        log.success(f"cut over {plan.name}: {row.spec.blue.display()} is now green ({plan.cutover.mode} mode); "
+                    f"reverse sync keeps {row.spec.retired.display()} current (transaction {held * 1000:.0f} ms)")
         return None
-    row = _prepared_row(conn, plan, options, ("verified",) if not dry_run else PRE_CUTOVER, "cutover")
-    if not dry_run and row.phase != "verified":
-        raise GateRefused(f"cutover {plan.name} refused: it needs a passing verify after the last backfill")
-    _check_prepared(conn, row)
-    timeout = lock_timeout or plan.cutover.lock_timeout
-    unit, fks = cutover_phase.cutover_units(conn, row.spec, plan.cutover.mode, timeout,
-                                            attempts or plan.cutover.attempts, catalog.current_user(conn))
-    conn.rollback()
-    executor = Executor(conn, dry_run=dry_run, migration=plan.name, state_schema=options.state_schema)
-    if dry_run:
-        executor.run(unit)
-        fk_unit = cutover_phase.validate_fk_unit(row.spec, fks, "cutover")
-        if fk_unit:
-            executor.run(fk_unit)
-        return None
-    with migration_lock(conn, plan.name):
-        started = time.perf_counter()
-        executor.run(unit)
-        held = time.perf_counter() - started
-        _run_fk_validation(executor, cutover_phase.validate_fk_unit(row.spec, fks, "cutover"))
-    log.success(f"cut over {plan.name}: {row.spec.blue.display()} is now green ({plan.cutover.mode} mode); "
-                f"reverse sync keeps {row.spec.retired.display()} current (transaction {held * 1000:.0f} ms)")
-    return None
 
 
 def rollback(options: Options, plan_path: Path, *, dry_run: bool = False, conn: Conn | None = None) -> None:
     plan = load_plan(plan_path)
-    if conn is None:
-        with _connection(options, f"rollback {plan.name}", plan.cutover.lock_timeout) as own:
-            return rollback(options, plan_path, dry_run=dry_run, conn=own)
-    row = get_migration(conn, options.state_schema, plan.name)
-    if row is None or row.phase == "rolled_back":
-        log.success(f"migration {plan.name} has nothing to roll back")
+    with _use(conn, options, f"rollback {plan.name}", plan.cutover.lock_timeout) as conn:
+        row = get_migration(conn, options.state_schema, plan.name)
+        if row is None or row.phase == "rolled_back":
+            log.success(f"migration {plan.name} has nothing to roll back")
+            return None
+        if row.phase == "finalized":
+            raise GateRefused(f"migration {plan.name} is finalized: the retired table is gone, nothing to roll back to")
+        executor = Executor(conn, dry_run=dry_run, migration=plan.name, state_schema=options.state_schema)
+        timeout, attempts = plan.cutover.lock_timeout, plan.cutover.attempts
+        fks: list[Any] = []
+        if row.phase == "cut_over":
+            unit, fks = rollback_phase.uncutover_unit(conn, row.spec, row, timeout, attempts,
+                                                      catalog.current_user(conn))
+        else:
+            unit = rollback_phase.teardown_unit(row.spec, timeout, attempts)
+        conn.rollback()
+        if dry_run:
+            executor.run(unit)
+            return None
+        with migration_lock(conn, plan.name):
+            executor.run(unit)
+            _run_fk_validation(executor, cutover_phase.validate_fk_unit(row.spec, fks, "rollback"))
+        if row.phase == "cut_over":
+            log.success(f"rolled back the cutover of {plan.name}: {row.spec.blue.display()} is blue again; green is "
+                        f"kept in sync; verify, then cut over again (or roll back again to drop green)")
+        else:
+            log.success(f"rolled back {plan.name}: triggers and green {row.spec.green.display()} dropped")
         return None
-    if row.phase == "finalized":
-        raise GateRefused(f"migration {plan.name} is finalized: the retired table is gone, nothing to roll back to")
-    executor = Executor(conn, dry_run=dry_run, migration=plan.name, state_schema=options.state_schema)
-    timeout, attempts = plan.cutover.lock_timeout, plan.cutover.attempts
-    fks: list[Any] = []
-    if row.phase == "cut_over":
-        unit, fks = rollback_phase.uncutover_unit(conn, row.spec, row, timeout, attempts, catalog.current_user(conn))
-    else:
-        unit = rollback_phase.teardown_unit(row.spec, timeout, attempts)
-    conn.rollback()
-    if dry_run:
-        executor.run(unit)
-        return None
-    with migration_lock(conn, plan.name):
-        executor.run(unit)
-        _run_fk_validation(executor, cutover_phase.validate_fk_unit(row.spec, fks, "rollback"))
-    if row.phase == "cut_over":
-        log.success(f"rolled back the cutover of {plan.name}: {row.spec.blue.display()} is blue again; green is "
-                    f"kept in sync; verify, then cut over again (or roll back again to drop green)")
-    else:
-        log.success(f"rolled back {plan.name}: triggers and green {row.spec.green.display()} dropped")
-    return None
 
 
 def finalize(options: Options, plan_path: Path, *, yes: bool = False, dry_run: bool = False,
