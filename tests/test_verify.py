@@ -97,7 +97,8 @@ def test_equal_values_that_print_differently_pass_and_real_differences_do_not_hi
             "columns": [{"name": "id", "type": "int", "not_null": True}, {"name": "amount", "type": "numeric"},
                         {"name": "ratio", "type": "float8"}, {"name": "at", "type": "timestamptz"},
                         {"name": "a", "type": "text"}, {"name": "b", "type": "text"},
-                        {"name": "j", "type": "json"}]}
+                        {"name": "j", "type": "json"},
+                        {"name": "rem", "type": "int", "from": "id % 7"}]}   # a `%` in SQL run with parameters
     file = tmp_path / "metrics.yaml"
     file.write_text(yaml.safe_dump(plan))
     assert bgsync(dsn, "prepare", str(file)).code == 0

@@ -139,9 +139,9 @@ class Queries:
             p = self.projection
             self._cache[key] = _statement(
                 f"verify_{kind}.sql.j2", spec=self.spec, side=side, has_lower=has_lower, has_upper=has_upper,
-                blue_row=", ".join(p.blue_hashed).replace("%", "%%"), green_row=", ".join(p.green_hashed),
+                blue_row=", ".join(p.blue_hashed), green_row=", ".join(p.green_hashed),
                 record_hash=p.record_hash,
-                blue_columns=[b.replace("%", "%%") for b in p.blue], green_columns=p.green,
+                blue_columns=p.blue, green_columns=p.green,
                 green_key_types=p.green_key_types)
         return self._cache[key]
 
