@@ -31,6 +31,17 @@ def plan_with(tmp_path: Path, **cutover: object) -> Path:
     return file
 
 
+def verified(dsn: str, plan: Path, *, load: bool = True) -> Path:
+    """A migration ready for cutover: (sample data,) prepare, backfill, verify."""
+    if load:
+        load_schema(dsn)
+        seed(dsn, orders=3_000)
+    for command in ("prepare", "backfill", "verify"):
+        result = bgsync(dsn, command, str(plan))
+        assert result.code == 0, (command, result.err)
+    return plan
+
+
 def no_drift(dsn: str) -> dict[str, object]:
     result = bgsync(dsn, "status", "--json")
     assert result.code == 0, result.err
@@ -121,11 +132,7 @@ def test_kill_during_verify_then_rerun(dsn: str) -> None:
 
 
 def test_kill_inside_cutover_transaction(dsn: str, tmp_path: Path) -> None:
-    load_schema(dsn)
-    seed(dsn, orders=3_000)
-    plan = plan_with(tmp_path, lock_timeout="3s", attempts=1)
-    for command in ("prepare", "backfill", "verify"):
-        assert bgsync(dsn, command, str(plan)).code == 0
+    plan = verified(dsn, plan_with(tmp_path, lock_timeout="3s", attempts=1))
     with psycopg.connect(dsn) as holder:
         holder.execute("SELECT count(*) FROM orders_v2")          # ACCESS SHARE on green
         proc = spawn_bgsync(dsn, "cutover", str(plan))
@@ -168,8 +175,7 @@ def test_access_exclusive_holder_blocks_prepare_and_cutover_cleanly(dsn: str, tm
     assert refused.code == 3 and "nothing was changed" in refused.err, refused.err
     assert elapsed < 8
     assert scalar(dsn, "SELECT to_regnamespace('bgsync')") is None
-    for command in ("prepare", "backfill", "verify"):
-        assert bgsync(dsn, command, str(plan)).code == 0
+    verified(dsn, plan, load=False)
     with psycopg.connect(dsn) as holder:
         holder.execute("BEGIN")
         holder.execute("SELECT * FROM orders WHERE id = 1 FOR UPDATE")   # a long transaction on blue
@@ -182,11 +188,7 @@ def test_access_exclusive_holder_blocks_prepare_and_cutover_cleanly(dsn: str, tm
 
 
 def test_second_process_on_the_same_phase_refuses_naming_the_holder(dsn: str, tmp_path: Path) -> None:
-    load_schema(dsn)
-    seed(dsn, orders=3_000)
-    plan = plan_with(tmp_path, lock_timeout="5s", attempts=1)
-    for command in ("prepare", "backfill", "verify"):
-        assert bgsync(dsn, command, str(plan)).code == 0
+    plan = verified(dsn, plan_with(tmp_path, lock_timeout="5s", attempts=1))
     with psycopg.connect(dsn) as holder:
         holder.execute("SELECT count(*) FROM orders_v2")
         first = spawn_bgsync(dsn, "cutover", str(plan))
