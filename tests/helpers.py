@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,6 +74,22 @@ def parity_diff(dsn: str, blue_sql: str, green_sql: str) -> list[tuple[object, .
         return conn.execute(
             f"(({green_sql}) EXCEPT ALL ({blue_sql})) UNION ALL (({blue_sql}) EXCEPT ALL ({green_sql}))"
         ).fetchall()
+
+
+def text_diff(dsn: str, blue_sql: str, green_sql: str) -> list[tuple[object, ...]]:
+    """Two-way EXCEPT ALL of whole rows as text, in one session: values that are `=` but read
+    differently (1.5 and 1.50, '1 day' and '24:00:00', -0 and 0) count as differences."""
+    return parity_diff(dsn, f"SELECT (q.*)::text FROM ({blue_sql}) AS q", f"SELECT (q.*)::text FROM ({green_sql}) AS q")
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 60) -> None:
+    """Poll until `condition` holds; fail the test when it never does."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.05)
+    raise AssertionError("condition not reached in time")
 
 
 def plan_diff(dsn: str, plan: str) -> list[tuple[object, ...]]:

@@ -16,7 +16,7 @@ import psycopg
 import pytest
 import yaml
 
-from tests.helpers import PLANS, Result, bgsync, load_schema, plan_diff, scalar, seed, spawn_bgsync
+from tests.helpers import PLANS, Result, bgsync, load_schema, plan_diff, scalar, seed, spawn_bgsync, wait_for
 
 PLAN = PLANS / "orders_numeric.yaml"
 DIFF_BLUE = "SELECT id, customer_id, amount::numeric(12,2), state, note, created_at FROM public.orders"
@@ -47,15 +47,6 @@ def no_drift(dsn: str) -> dict[str, object]:
     assert result.code == 0, result.err
     report: dict[str, object] = json.loads(result.out)
     return report
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.05)
-    raise AssertionError("condition not reached in time")
 
 
 def kill(proc: subprocess.Popen[str]) -> None:  # noqa: F821

@@ -1,0 +1,442 @@
+"""Issue 8: green equals blue, verify says so only when it is true, rollback loses nothing.
+
+Each test reproduces one case that broke the promise, with real writers on a real server, and checks
+the result with an independent text EXCEPT ALL (`text_diff`), never with bgsync's own verify alone."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+import yaml
+
+from tests.helpers import bgsync, scalar, scalars, spawn_bgsync, text_diff, wait_for
+
+DOC = """
+CREATE TABLE public.doc (id int PRIMARY KEY, body text NOT NULL, n int);
+INSERT INTO public.doc SELECT g, 'body ' || g, g FROM generate_series(1, 3000) g;
+ANALYZE public.doc;
+"""
+DOC_PLAN: dict[str, Any] = {
+    "name": "doc_v2", "source": "public.doc",
+    "columns": [{"name": "id", "type": "bigint", "not_null": True},
+                {"name": "body", "type": "text", "not_null": True},
+                {"name": "n", "type": "bigint"}],
+    "backfill": {"workers": 2, "batch_rows": 500},
+}
+DOC_BLUE = "SELECT id::bigint, body, n::bigint FROM public.{}"
+DOC_GREEN = "SELECT id, body, n FROM public.{}"
+
+
+def write_plan(tmp_path: Path, plan: dict[str, Any], name: str = "plan.yaml") -> Path:
+    file = tmp_path / name
+    file.write_text(yaml.safe_dump(plan, sort_keys=False))
+    return file
+
+
+def run_ok(dsn: str, *args: str, env: dict[str, str] | None = None) -> str:
+    result = bgsync(dsn, *args, env=env)
+    assert result.code == 0, (args, result.out, result.err)
+    return result.out
+
+
+def setup(dsn: str, schema_sql: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(schema_sql)
+
+
+def doc_diff(dsn: str, blue: str = "doc", green: str = "doc_v2") -> list[tuple[object, ...]]:
+    return text_diff(dsn, DOC_BLUE.format(blue), DOC_GREEN.format(green))
+
+
+# -- 1. a REPEATABLE READ writer whose snapshot predates the backfill ------------------------------
+def test_repeatable_read_writer_older_than_the_backfill_leaves_no_ghost(dsn: str, tmp_path: Path) -> None:
+    setup(dsn, DOC)
+    plan = write_plan(tmp_path, DOC_PLAN)
+    run_ok(dsn, "prepare", str(plan))
+    with psycopg.connect(dsn, application_name="rr app") as app:
+        app.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+        app.execute("SELECT count(*) FROM public.doc")          # the snapshot is taken here
+        run_ok(dsn, "backfill", str(plan))
+        proc = spawn_bgsync(dsn, "verify", str(plan), "--json")
+        # verify sees a session whose snapshot is older than the backfill, names it and waits
+        wait_for(lambda: bool(scalar(dsn, "SELECT count(*) FROM bgsync.events WHERE phase = 'verify' "
+                                          "AND outcome = 'waiting' AND detail LIKE '%%rr app%%'")), timeout=30)
+        app.execute("DELETE FROM public.doc WHERE id = 5")
+        app.execute("UPDATE public.doc SET id = 5000 WHERE id = 6")
+        app.commit()
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1, err
+    found = {(m["kind"], tuple(m["key"])) for m in json.loads(out)["mismatches"]}
+    assert found == {("extra_in_green", ("5",)), ("extra_in_green", ("6",))}
+    repaired = bgsync(dsn, "verify", str(plan), "--repair")
+    assert repaired.code == 0, repaired.out + repaired.err
+    assert doc_diff(dsn) == []
+    run_ok(dsn, "cutover", str(plan))
+    assert scalars(dsn, "SELECT id FROM public.doc WHERE id IN (5, 6, 5000) ORDER BY id") == [5000]
+    assert doc_diff(dsn, "doc_old", "doc") == []
+
+
+# -- 2. one statement, several events on one key -----------------------------------------------
+MULTI_EVENT = [
+    # delete a key and move another row onto it
+    """WITH d AS (DELETE FROM public.{t} WHERE id = 8 RETURNING id)
+       UPDATE public.{t} SET id = 8, body = 'moved from 9' WHERE id = 9 AND EXISTS (SELECT FROM d)""",
+    # delete a key and insert it again with other values
+    """WITH d AS (DELETE FROM public.{t} WHERE id = 20 RETURNING id)
+       INSERT INTO public.{t} (id, body, n) SELECT id, 'reborn', -1 FROM d""",
+    # re-key a row onto a key the same statement deleted, the other way round
+    """WITH u AS (UPDATE public.{t} SET id = 31, body = 'was 30' WHERE id = 30 RETURNING id)
+       DELETE FROM public.{t} WHERE id = 31""",
+    # MERGE: update, delete and insert in one statement
+    """MERGE INTO public.{t} AS t
+       USING (VALUES (40, 'merged'), (41, NULL), (9041, 'new by merge')) AS s(id, body) ON t.id = s.id
+       WHEN MATCHED AND s.body IS NULL THEN DELETE
+       WHEN MATCHED THEN UPDATE SET body = s.body
+       WHEN NOT MATCHED THEN INSERT (id, body, n) VALUES (s.id, s.body, 0)""",
+    # INSERT ... ON CONFLICT on existing and new keys
+    """INSERT INTO public.{t} (id, body, n) VALUES (50, 'upserted', 1), (9050, 'inserted', 2)
+       ON CONFLICT (id) DO UPDATE SET body = EXCLUDED.body""",
+    # swap two keys in one statement
+    "UPDATE public.{t} SET id = CASE id WHEN 60 THEN 61 ELSE 60 END WHERE id IN (60, 61)",
+]
+
+
+def test_statements_with_several_events_on_one_key(dsn: str, tmp_path: Path) -> None:
+    setup(dsn, DOC)
+    plan = write_plan(tmp_path, DOC_PLAN)
+    for command in ("prepare", "backfill", "verify"):
+        run_ok(dsn, command, str(plan))
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for statement in MULTI_EVENT:
+            conn.execute(statement.format(t="doc"))
+    assert doc_diff(dsn) == []
+    assert scalar(dsn, "SELECT body FROM public.doc_v2 WHERE id = 8") == "moved from 9"
+    run_ok(dsn, "verify", str(plan))
+    run_ok(dsn, "cutover", str(plan))
+    # the same statements on the live table (green): the reverse sync keeps blue exact
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("UPDATE public.doc SET id = id + 100000 WHERE id BETWEEN 8 AND 61")
+        conn.execute("INSERT INTO public.doc SELECT g, 'b' || g, g FROM generate_series(1, 70) g ON CONFLICT DO NOTHING")
+        for statement in MULTI_EVENT:
+            conn.execute(statement.format(t="doc"))
+    assert doc_diff(dsn, "doc_old", "doc") == []
+    run_ok(dsn, "rollback", str(plan))
+    assert doc_diff(dsn) == []
+
+
+# -- 3. identity, generated columns, domains and enums never make a write fail -------------------
+KINDS = """
+CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy');
+CREATE DOMAIN positive_int AS integer CHECK (VALUE > 0);
+CREATE TABLE public.items (
+    id     bigint GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY,
+    seq    bigint GENERATED ALWAYS AS IDENTITY,
+    qty    positive_int NOT NULL,
+    price  int NOT NULL,
+    total  int GENERATED ALWAYS AS (qty * price) STORED,
+    feel   mood NOT NULL DEFAULT 'ok',
+    label  text
+);
+INSERT INTO public.items (qty, price, feel, label) SELECT 1 + g % 9, g, 'happy', 'l' || g FROM generate_series(1, 500) g;
+"""
+ITEMS_BLUE = "SELECT id, seq, qty::int, price, total, feel::text, label FROM public.{}"
+ITEMS_GREEN = "SELECT id, seq, qty::int, price, total, feel::text, label FROM public.{}"
+
+
+def test_identity_generated_domain_and_enum_columns_never_fail_a_write(dsn: str, tmp_path: Path) -> None:
+    setup(dsn, KINDS)
+    plan_file = tmp_path / "items.yaml"
+    run_ok(dsn, "init", "public.items", "-o", str(plan_file))
+    run_ok(dsn, "validate", str(plan_file))
+    run_ok(dsn, "prepare", str(plan_file))
+
+    def write(table: str) -> None:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(f"INSERT INTO public.{table} (qty, price, label) VALUES (2, 3, 'w')")
+            conn.execute(f"UPDATE public.{table} SET price = price + 1, feel = 'sad', qty = 4 WHERE id % 7 = 0")
+            conn.execute(f"UPDATE public.{table} SET seq = DEFAULT WHERE id % 11 = 0")
+            conn.execute(f"UPDATE public.{table} SET id = id + 100000 WHERE id % 13 = 0")
+            conn.execute(f"DELETE FROM public.{table} WHERE id % 17 = 0")
+
+    write("items")
+    run_ok(dsn, "backfill", str(plan_file))
+    write("items")
+    assert text_diff(dsn, ITEMS_BLUE.format("items"), ITEMS_GREEN.format("items_v2")) == []
+    run_ok(dsn, "verify", str(plan_file))
+    run_ok(dsn, "cutover", str(plan_file))
+    write("items")
+    assert text_diff(dsn, ITEMS_BLUE.format("items_old"), ITEMS_GREEN.format("items")) == []
+    # the live table keeps blue's column kinds: ALWAYS identity, a generated column
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.GeneratedAlways):
+            conn.execute("INSERT INTO public.items (seq, qty, price) VALUES (1, 1, 1)")
+        with pytest.raises(psycopg.errors.GeneratedAlways):
+            conn.execute("INSERT INTO public.items (total, qty, price) VALUES (1, 1, 1)")
+    run_ok(dsn, "rollback", str(plan_file))
+    write("items")
+    assert text_diff(dsn, ITEMS_BLUE.format("items"), ITEMS_GREEN.format("items_v2")) == []
+    with psycopg.connect(dsn, autocommit=True) as conn, pytest.raises(psycopg.errors.GeneratedAlways):
+        conn.execute("INSERT INTO public.items (seq, qty, price) VALUES (1, 1, 1)")
+
+
+# -- 4 and 5. the checksum is not linear; equal is not identical ---------------------------------
+VALUES_TABLE = """
+CREATE TABLE public.vals (id int PRIMARY KEY, name text, amount int, amount2 int, n numeric, f float8,
+                          span interval, arr int[], jb jsonb, tz timestamptz);
+INSERT INTO public.vals
+SELECT g, 'name' || g, 1000 + g, 5000 + g, g / 2.0, g / 4.0, interval '1 day' * g, ARRAY[g, g + 1],
+       jsonb_build_object('g', g), timestamptz '2025-03-30 00:30:00+00' + g * interval '1 hour'
+  FROM generate_series(1, 2000) g;
+UPDATE public.vals SET f = 0, n = 1.5 WHERE id = 30;
+"""
+VALUES_PLAN: dict[str, Any] = {
+    "name": "vals_v2", "source": "public.vals",
+    "columns": [{"name": "id", "type": "int", "not_null": True}, {"name": "name", "type": "text"},
+                {"name": "amount", "type": "int"}, {"name": "amount2", "type": "int"},
+                {"name": "n", "type": "numeric"},
+                {"name": "f", "type": "float8"}, {"name": "span", "type": "interval"},
+                {"name": "arr", "type": "int[]"}, {"name": "jb", "type": "jsonb"},
+                {"name": "tz", "type": "timestamptz"}],
+    "backfill": {"workers": 2, "batch_rows": 300},
+}
+PLANTED: list[tuple[str, set[tuple[str, str]]]] = [
+    # values swapped between rows: each column's multiset of values is unchanged
+    ("UPDATE public.vals_v2 SET amount = CASE id WHEN 1 THEN 1002 ELSE 1001 END WHERE id IN (1, 2)",
+     {("1", "amount"), ("2", "amount")}),
+    # values swapped between two rows of one text column
+    ("UPDATE public.vals_v2 SET name = CASE id WHEN 3 THEN 'name4' ELSE 'name3' END WHERE id IN (3, 4)",
+     {("3", "name"), ("4", "name")}),
+    # values swapped between columns of one row (same type)
+    ("UPDATE public.vals_v2 SET amount = amount2, amount2 = amount WHERE id = 10",
+     {("10", "amount"), ("10", "amount2")}),
+    ("UPDATE public.vals_v2 SET span = '24:00:00' WHERE id = 1", {("1", "span")}),       # = '1 day'
+    ("UPDATE public.vals_v2 SET arr = '{{11,12}}' WHERE id = 11", {("11", "arr")}),      # 2-D vs 1-D
+    ("UPDATE public.vals_v2 SET arr = '[0:1]={12,13}' WHERE id = 12", {("12", "arr")}),  # other bounds
+    ("UPDATE public.vals_v2 SET n = 1.50 WHERE id = 30", {("30", "n")}),                 # 1.5 vs 1.50
+    ("UPDATE public.vals_v2 SET f = '-0' WHERE id = 30", {("30", "f")}),                 # 0 vs -0
+]
+
+
+@pytest.mark.parametrize("planted", range(len(PLANTED)), ids=[
+    "swap-rows-int", "swap-rows-text", "swap-columns", "interval-24h", "array-2d", "array-bounds",
+    "numeric-scale", "minus-zero"])
+def test_verify_finds_differences_that_equality_and_a_linear_checksum_miss(
+        dsn: str, tmp_path: Path, planted: int) -> None:
+    setup(dsn, VALUES_TABLE)
+    plan = write_plan(tmp_path, VALUES_PLAN)
+    for command in ("prepare", "backfill", "verify"):
+        run_ok(dsn, command, str(plan))
+    statement, expected = PLANTED[planted]
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(statement)
+    blue = "SELECT id, name, amount, amount2, n, f, span, arr, jb, tz FROM public.vals"
+    green = "SELECT id, name, amount, amount2, n, f, span, arr, jb, tz FROM public.vals_v2"
+    assert text_diff(dsn, blue, green) != []           # the independent check sees the defect
+    result = bgsync(dsn, "verify", str(plan), "--json", env={"PGTZ": "Europe/Berlin"})
+    assert result.code == 1, result.out + result.err
+    report = json.loads(result.out)
+    found = {(m["key"][0], c) for m in report["mismatches"] for c in (m["columns"] or ["*"])}
+    assert found == expected
+    repaired = bgsync(dsn, "verify", str(plan), "--repair")
+    assert repaired.code == 0, repaired.out + repaired.err
+    assert text_diff(dsn, blue, green) == []
+
+
+def test_same_instant_in_another_time_zone_is_parity(dsn: str, tmp_path: Path) -> None:
+    """Parity is text in one session: a timestamptz written from another time zone is the same value."""
+    setup(dsn, VALUES_TABLE)
+    plan = write_plan(tmp_path, VALUES_PLAN)
+    for command in ("prepare", "backfill"):
+        run_ok(dsn, command, str(plan))
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("SET TimeZone = 'Asia/Kathmandu'")
+        conn.execute("UPDATE public.vals_v2 SET tz = '2025-03-30 07:15:00+05:45' WHERE id = 1")  # same instant
+    run_ok(dsn, "verify", str(plan), env={"PGTZ": "America/New_York"})
+
+
+# -- 6. session-dependent values; VOLATILE and STABLE expressions -----------------------------------
+PLACED = """
+CREATE TABLE public.orders (id int PRIMARY KEY, placed_at timestamptz NOT NULL DEFAULT now(), note text);
+INSERT INTO public.orders SELECT g, timestamptz '2025-01-01 00:00:00+00' + g * interval '37 minutes', 'n'
+  FROM generate_series(1, 2000) g;
+"""
+PLACED_PLAN: dict[str, Any] = {
+    "name": "orders_v2", "source": "public.orders",
+    "columns": [{"name": "id", "type": "int", "not_null": True},
+                {"name": "placed_at", "type": "timestamptz", "not_null": True},
+                {"name": "placed_on", "type": "date", "not_null": True, "from": "placed_at::date"},
+                {"name": "note", "type": "text"}],
+}
+
+
+def test_session_settings_of_a_writer_do_not_change_green(dsn: str, tmp_path: Path) -> None:
+    setup(dsn, PLACED)
+    plan = write_plan(tmp_path, PLACED_PLAN)
+    checked = bgsync(dsn, "validate", str(plan))
+    assert checked.code == 0, checked.err
+    assert "STABLE" in checked.out and "TimeZone" in checked.out
+    run_ok(dsn, "prepare", str(plan), env={"PGTZ": "UTC"})
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("SET TimeZone = 'Asia/Tokyo'")
+        conn.execute("SET DateStyle = 'SQL, DMY'")
+        conn.execute("INSERT INTO public.orders SELECT g, timestamptz '2025-06-01 23:30:00+00' + g * interval '1 min',"
+                     " 'tokyo' FROM generate_series(5001, 5100) g")
+        conn.execute("UPDATE public.orders SET placed_at = placed_at + interval '20 hours' WHERE id % 9 = 0")
+    run_ok(dsn, "backfill", str(plan), env={"PGTZ": "America/Los_Angeles"})
+    run_ok(dsn, "verify", str(plan), env={"PGTZ": "Pacific/Auckland"})
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("SET TimeZone = 'UTC'")
+        diff = conn.execute("""SELECT count(*) FROM public.orders o JOIN public.orders_v2 g USING (id)
+                                WHERE g.placed_on <> o.placed_at::date""").fetchone()
+    assert diff == (0,)
+
+
+def test_volatile_from_is_refused_and_stable_is_named(dsn: str, tmp_path: Path) -> None:
+    setup(dsn, PLACED)
+    plan_data = json.loads(json.dumps(PLACED_PLAN))
+    plan_data["columns"].append({"name": "token", "type": "uuid", "from": "gen_random_uuid()"})
+    result = bgsync(dsn, "validate", str(write_plan(tmp_path, plan_data)))
+    assert result.code == 2, result.out + result.err
+    assert "columns[4].from" in result.err and "VOLATILE" in result.err
+    assert scalar(dsn, "SELECT to_regnamespace('bgsync')") is None
+
+
+# -- 7. a collated text key ---------------------------------------------------------------------------
+def _collations(dsn: str) -> list[str]:
+    found = ["C"]
+    icu = scalars(dsn, "SELECT collname FROM pg_collation WHERE collprovider = 'i' "
+                       "AND collname IN ('und-x-icu', 'unicode') ORDER BY collname")
+    return found + [str(c) for c in icu[:1]]
+
+
+@pytest.mark.parametrize("hand_written", [False, True], ids=["init", "plain-text-type"])
+def test_collated_text_key_verifies_and_repairs(dsn: str, tmp_path: Path, hand_written: bool) -> None:
+    for collation in _collations(dsn):
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("DROP SCHEMA IF EXISTS bgsync CASCADE")
+            conn.execute("DROP TABLE IF EXISTS public.words, public.words_v2")
+            conn.execute(psycopg.sql.SQL(
+                "CREATE TABLE public.words (w text COLLATE {} PRIMARY KEY, n int)").format(
+                psycopg.sql.Identifier(collation)))
+            conn.execute("""INSERT INTO public.words
+                            SELECT x, g FROM generate_series(1, 3000) g,
+                                   LATERAL (VALUES (CASE g % 4 WHEN 0 THEN upper(md5(g::text)) WHEN 1 THEN md5(g::text)
+                                                    WHEN 2 THEN '_' || g ELSE 'Ä' || g END)) v(x)""")
+            conn.execute("ANALYZE public.words")
+        plan_file = tmp_path / f"words-{collation}.yaml"
+        plan_file.unlink(missing_ok=True)
+        if hand_written:
+            plan_file.write_text(yaml.safe_dump({
+                "name": "words_v2", "source": "public.words",
+                "columns": [{"name": "w", "type": "text", "not_null": True}, {"name": "n", "type": "int"}],
+                "backfill": {"workers": 2, "batch_rows": 200}}))
+        else:
+            run_ok(dsn, "init", "public.words", "-o", str(plan_file))
+            assert "COLLATE" in plan_file.read_text() or collation == "C"
+        for command in ("prepare", "backfill", "verify"):
+            run_ok(dsn, command, str(plan_file))
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("DELETE FROM public.words_v2 WHERE n IN (7, 1500, 2999)")
+            conn.execute("UPDATE public.words_v2 SET n = -n WHERE n IN (8, 2000)")
+        result = bgsync(dsn, "verify", str(plan_file), "--json")
+        assert result.code == 1, (collation, result.out, result.err)
+        assert json.loads(result.out)["mismatched_rows"] == 5
+        run_ok(dsn, "verify", str(plan_file), "--repair")
+        assert text_diff(dsn, "SELECT w, n FROM public.words", "SELECT w, n FROM public.words_v2") == []
+        run_ok(dsn, "rollback", str(plan_file))
+
+
+# -- 8. a name that contains bgsync's dollar-quote tag ---------------------------------------------
+def test_names_and_expressions_never_close_a_quote_bgsync_opened(dsn: str, tmp_path: Path) -> None:
+    setup(dsn, 'CREATE TABLE public.q (id int PRIMARY KEY, "a$bgsync_body$b" text, "$$" text);'
+               "INSERT INTO public.q SELECT g, 'v' || g, '$$' FROM generate_series(1, 100) g;")
+    plan = write_plan(tmp_path, {
+        "name": "q_v2", "source": "public.q",
+        "columns": [{"name": "id", "type": "int", "not_null": True},
+                    {"name": "a$bgsync_body$b", "type": "text"},
+                    {"name": "$$", "type": "text", "from": "\"$$\" || '$bgsync_body$'",
+                     "reverse": "left(\"$$\", 2)", "reverse_column": "$$"}]})
+    for command in ("validate", "prepare", "backfill", "verify", "cutover", "rollback"):
+        run_ok(dsn, command, str(plan))
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("""INSERT INTO public.q VALUES (500, 'x', '$$')""")
+    assert scalar(dsn, """SELECT "$$" FROM public.q_v2 WHERE id = 500""") == "$$$bgsync_body$"
+
+
+# -- 9. every blue column is fed after cutover, or the plan says NULL ------------------------------------
+ACCOUNTS = """
+CREATE TABLE public.accounts (id int PRIMARY KEY, email text NOT NULL, "select" text, nick text);
+INSERT INTO public.accounts SELECT g, 'User' || g || '@Example.com', 's' || g, 'n' || g FROM generate_series(1, 300) g;
+"""
+
+
+def accounts_plan(email: dict[str, Any]) -> dict[str, Any]:
+    return {"name": "accounts_v2", "source": "public.accounts",
+            "columns": [{"name": "id", "type": "int", "not_null": True},
+                        {"name": "email_lower", "type": "text", "not_null": True, "from": "lower(email)", **email},
+                        {"name": "sel", "type": "varchar(64)", "from": '"select"::varchar(64)'},
+                        {"name": "nick", "type": "text"}]}
+
+
+def test_a_blue_column_nothing_feeds_is_refused(dsn: str, tmp_path: Path) -> None:
+    setup(dsn, ACCOUNTS)
+    refused = bgsync(dsn, "validate", str(write_plan(tmp_path, accounts_plan({}))))
+    assert refused.code == 2, refused.out + refused.err
+    assert "email" in refused.err and "reverse" in refused.err
+    accepted = bgsync(dsn, "validate", str(write_plan(tmp_path, accounts_plan({"reverse": "NULL",
+                                                                             "reverse_column": "email"}))))
+    assert accepted.code == 0, accepted.err
+    assert "email <- NULL" in accepted.out
+    assert 'select <- sel' in accepted.out            # inferred from a cast of a column
+
+
+def test_reverse_inferred_from_a_cast_keeps_blue_current(dsn: str, tmp_path: Path) -> None:
+    setup(dsn, ACCOUNTS)
+    plan = write_plan(tmp_path, accounts_plan({"reverse": "email_lower", "reverse_column": "email"}))
+    for command in ("prepare", "backfill", "verify", "cutover"):
+        run_ok(dsn, command, str(plan))
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("INSERT INTO public.accounts VALUES (1000, 'new@example.com', 'sel-new', 'nn')")
+        conn.execute("UPDATE public.accounts SET sel = 'changed' WHERE id = 5")
+    assert scalar(dsn, 'SELECT "select" FROM public.accounts_old WHERE id = 1000') == "sel-new"
+    assert scalar(dsn, 'SELECT "select" FROM public.accounts_old WHERE id = 5') == "changed"
+    assert scalar(dsn, "SELECT email FROM public.accounts_old WHERE id = 1000") == "new@example.com"
+
+
+# -- 10. defaults follow the column ---------------------------------------------------------------------
+def test_default_of_a_same_named_column_read_in_an_expression_is_inherited(dsn: str, tmp_path: Path) -> None:
+    setup(dsn, PLACED)
+    plan = write_plan(tmp_path, {
+        "name": "orders_v2", "source": "public.orders",
+        "columns": [{"name": "id", "type": "int", "not_null": True},
+                    {"name": "placed_at", "type": "timestamp", "not_null": True,
+                     "from": "placed_at AT TIME ZONE 'UTC'", "reverse": "placed_at AT TIME ZONE 'UTC'"},
+                    {"name": "note", "type": "text"}]})
+    checked = bgsync(dsn, "validate", str(plan))
+    assert checked.code == 0, checked.err
+    assert "placed_at: default now() inherited" in checked.out
+    for command in ("prepare", "backfill", "verify", "cutover"):
+        run_ok(dsn, command, str(plan))
+    run_ok(dsn, "finalize", str(plan), "--yes")
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("INSERT INTO public.orders (id, note) VALUES (9999, 'after finalize')")
+    assert scalar(dsn, "SELECT placed_at IS NOT NULL FROM public.orders WHERE id = 9999") is True
+
+
+# -- 11. a malformed DSN is a usage error and shows no secret ---------------------------------------------
+@pytest.mark.parametrize("bad", [
+    "postgresql:/postgres:Hunter2secret@127.0.0.1:5432/db",
+    "postgresql://postgres:Hunter2secret@127.0.0.1:5432/db?sslmode=bogus",
+    "host=127.0.0.1 password=Hunter2secret port=notaport",
+    "postgres://u:Hunter2secret@[::1:5432/db",
+])
+def test_malformed_dsn_is_exit_2_without_the_password(tmp_path: Path, bad: str) -> None:
+    plan = write_plan(tmp_path, DOC_PLAN)
+    result = bgsync(bad, "validate", str(plan), timeout=60)
+    assert result.code == 2, result.out + result.err
+    assert "Hunter2secret" not in result.out + result.err
+    assert "DSN" in result.err
