@@ -7,7 +7,7 @@ from typing import Any
 
 import psycopg
 
-from orchestrator.names import QualifiedName, parse_qualified_name
+from orchestrator.names import QualifiedName, parse_qualified_name, quote_qualified
 
 Conn = psycopg.Connection[Any]
 
@@ -23,6 +23,8 @@ class ColumnInfo:
     identity: str                # '' | 'a' (ALWAYS) | 'd' (BY DEFAULT)
     generated: str               # '' | 's' (stored generated)
     owned_sequence: str | None   # sequence owned by this column (serial), quoted regclass text
+    collation: str | None = None  # the column's collation as SQL (schema-qualified, quoted); None: not collatable
+    own_collation: bool = False   # the collation differs from its type's default (`init` must write it)
 
     @property
     def has_default(self) -> bool:
@@ -59,6 +61,10 @@ class TableInfo:
 
     def column(self, name: str) -> ColumnInfo | None:
         return next((c for c in self.columns if c.name == name), None)
+
+    def generated_columns(self) -> list[str]:
+        """Columns the table computes itself (GENERATED ALWAYS AS ... STORED): never written."""
+        return [c.name for c in self.columns if c.generated]
 
     @property
     def primary_key(self) -> tuple[str, ...] | None:
@@ -98,15 +104,20 @@ def load_table(conn: Conn, oid: int) -> TableInfo:
     assert row is not None
     columns = [
         ColumnInfo(name=r[0], type=r[1], not_null=r[2], default=r[3], identity=r[4], generated=r[5],
-                   owned_sequence=r[6])
+                   owned_sequence=r[6], collation=None if r[7] is None else quote_qualified(r[7], r[8]),
+                   own_collation=bool(r[9]))
         for r in conn.execute(
             """SELECT a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull,
                       pg_get_expr(d.adbin, d.adrelid), a.attidentity::text, a.attgenerated::text,
                       (SELECT s.oid::regclass::text FROM pg_depend dep
                          JOIN pg_class s ON s.oid = dep.objid AND s.relkind = 'S'
                         WHERE dep.classid = 'pg_class'::regclass AND dep.refobjid = a.attrelid
-                          AND dep.refobjsubid = a.attnum AND dep.deptype IN ('a', 'i') LIMIT 1)
+                          AND dep.refobjsubid = a.attnum AND dep.deptype IN ('a', 'i') LIMIT 1),
+                      cn.nspname, co.collname, a.attcollation <> t.typcollation
                  FROM pg_attribute a
+                 JOIN pg_type t ON t.oid = a.atttypid
+                 LEFT JOIN pg_collation co ON co.oid = a.attcollation
+                 LEFT JOIN pg_namespace cn ON cn.oid = co.collnamespace
                  LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
                 WHERE a.attrelid = %s AND a.attnum > 0 AND NOT a.attisdropped
                 ORDER BY a.attnum""", [oid])]
@@ -295,3 +306,33 @@ def triggers_on(conn: Conn, table: str) -> dict[str, str]:
     return {r[0]: r[1] for r in conn.execute(
         "SELECT tgname, tgenabled::text FROM pg_trigger WHERE tgrelid = to_regclass(%s) AND NOT tgisinternal",
         [table])}
+
+
+@dataclass(frozen=True)
+class Session:
+    pid: int
+    application: str
+    state: str
+    xact_start: Any
+
+    def describe(self) -> str:
+        since = f", transaction since {self.xact_start:%H:%M:%S}" if self.xact_start is not None else ""
+        return f"pid {self.pid} ({self.application or 'no application_name'}, {self.state or 'unknown state'}{since})"
+
+
+def sessions_with_snapshot_before(conn: Conn, moment: Any) -> list[Session]:
+    """Client sessions of this database holding a snapshot in a transaction that began before `moment`."""
+    return [Session(*r) for r in conn.execute(
+        """SELECT pid, coalesce(application_name, ''), coalesce(state, ''), xact_start FROM pg_stat_activity
+            WHERE datname = current_database() AND backend_type = 'client backend' AND pid <> pg_backend_pid()
+              AND backend_xmin IS NOT NULL AND xact_start < %s
+            ORDER BY xact_start, pid""", [moment])]
+
+
+def sessions_hidden_from_us(conn: Conn) -> int:
+    """Client sessions of this database whose transaction details this role may not read."""
+    row = conn.execute(
+        """SELECT count(*) FROM pg_stat_activity
+            WHERE datname = current_database() AND backend_type = 'client backend' AND pid <> pg_backend_pid()
+              AND state IS NULL""").fetchone()
+    return int(row[0]) if row else 0

@@ -25,7 +25,7 @@ from orchestrator.phases import status as status_phase
 from orchestrator.phases import verify as verify_phase
 from orchestrator.phases.prepare import prepare_units
 from orchestrator.phases.validate import Validation, validate_live
-from orchestrator.plan import Plan, load_plan, plan_json_schema
+from orchestrator.plan import Plan, duration_seconds, load_plan, plan_json_schema
 from orchestrator.spec import DEFAULT_STATE_SCHEMA, MigrationSpec
 
 Conn = psycopg.Connection[Any]
@@ -102,6 +102,13 @@ def validate(options: Options, plan_path: Path) -> Validation:
     out.write(f"  columns: {len(spec.columns)}; copied from blue: {len(spec.copied_columns)}; "
               f"indexes deferred to backfill: {len(spec.indexes)}; checks: {len(spec.checks)}\n")
     out.write(f"  retired name at cutover: {spec.retired.display()}\n")
+    out.write("  after cutover, each blue column is fed by:\n")
+    for feed in spec.feeds:
+        out.write(f"    {feed.blue_column} <- {feed.source} ({feed.how})\n")
+    if spec.settings:
+        out.write("  pinned settings: " + ", ".join(f"{k} = {v!r}" for k, v in sorted(spec.settings.items())) + "\n")
+    for note in result.notes:
+        out.write(f"  note: {note}\n")
     if result.migration is not None:
         out.write(f"  journal: migration {plan.name} is {result.migration.phase}\n")
     if result.dependents:
@@ -223,14 +230,15 @@ def verify(options: Options, plan_path: Path, *, workers: int | None = None, as_
         conn.rollback()
         dsn = db.resolve_dsn(options.dsn)
         with migration_lock(conn, plan.name, shared=True):
-            report = verify_phase.run(conn, dsn, row.spec, workers or plan.verify.workers)
+            wait = duration_seconds(plan.verify.snapshot_wait)
+            report = verify_phase.run(conn, dsn, row.spec, workers or plan.verify.workers, snapshot_wait=wait)
             if not report.passed and repair:
                 if not as_json:
                     _print_report(report, as_json)
                 count = verify_phase.repair(conn, row.spec, report)
                 log.info(f"repaired {count} range(s); verifying again")
                 first = report
-                report = verify_phase.run(conn, dsn, row.spec, workers or plan.verify.workers)
+                report = verify_phase.run(conn, dsn, row.spec, workers or plan.verify.workers, snapshot_wait=wait)
                 report.repaired = first
         _print_report(report, as_json)
         if not report.passed:

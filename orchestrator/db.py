@@ -8,29 +8,56 @@ import re
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from orchestrator.errors import DatabaseError
+from orchestrator.errors import DatabaseError, UsageError
 
 _secrets: set[str] = set()
 
 
+# libpq's words for a connection string it cannot use, before it tries any server
+_BAD_OPTION = re.compile(r"invalid [^\n]* value|invalid integer value|invalid port number|invalid connection option"
+                         r"|could not match \d+ host names|missing \"=\" after|unterminated quoted string"
+                         r"|invalid URI|end of string reached|invalid percent-encoded token", re.I)
+
+
 def resolve_dsn(cli_dsn: str | None) -> str:
-    """--dsn, else BGSYNC_DSN, else DATABASE_URL, else libpq's PG* variables (empty DSN)."""
-    for candidate in (cli_dsn, os.environ.get("BGSYNC_DSN"), os.environ.get("DATABASE_URL")):
-        if candidate:
-            remember_secret(candidate)
-            return candidate
+    """--dsn, else BGSYNC_DSN, else DATABASE_URL, else libpq's PG* variables (empty DSN).
+
+    A connection string libpq cannot parse is a usage error (exit 2) whose message never repeats
+    the string: libpq's own message quotes it, password included."""
     if os.environ.get("PGPASSWORD"):
         _secrets.add(os.environ["PGPASSWORD"])
+    for source, candidate in (("--dsn", cli_dsn), ("BGSYNC_DSN", os.environ.get("BGSYNC_DSN")),
+                              ("DATABASE_URL", os.environ.get("DATABASE_URL"))):
+        if candidate:
+            remember_secret(candidate)
+            try:
+                conninfo_to_dict(candidate)
+            except psycopg.ProgrammingError as error:
+                raise UsageError(f"the DSN from {source} is malformed ({_reason(str(error))}); "
+                                 f"write it as postgresql://user@host:port/dbname or 'host=... dbname=...'") from None
+            return candidate
     return ""
 
 
+def _reason(message: str) -> str:
+    """libpq's complaint without the quoted connection string it carries."""
+    text = redact(message.strip().splitlines()[0] if message.strip() else "unparsable")
+    return re.sub(r'"[^"]*"', '"…"', text)
+
+
 def remember_secret(dsn: str) -> None:
+    """Remember the password of a DSN, also of one libpq cannot parse, so no output can show it."""
     try:
         password = conninfo_to_dict(dsn).get("password")
     except psycopg.ProgrammingError:
         password = None
     if password:
         _secrets.add(str(password))
+    for pattern in (r"^[A-Za-z][A-Za-z0-9+.-]*:/*[^:/@\s]*:([^@\s]+)@", r"password\s*=\s*'((?:[^'\\]|\\.)*)'",
+                    r"password\s*=\s*([^\s']+)"):
+        for found in re.findall(pattern, dsn, flags=re.I):
+            if found:
+                _secrets.add(found)
 
 
 def redact(text: str) -> str:
@@ -61,7 +88,10 @@ def connect(dsn: str, purpose: str, *, autocommit: bool = False,
     try:
         conn = psycopg.connect(dsn, autocommit=autocommit, application_name=f"bgsync {purpose}"[:63])
     except psycopg.OperationalError as error:
-        raise DatabaseError(f"cannot connect: {redact(str(error)).strip()}") from None
+        message = redact(str(error)).strip()
+        if _BAD_OPTION.search(message):
+            raise UsageError(f"the DSN is not usable: {_reason(message)}") from None
+        raise DatabaseError(f"cannot connect: {message}") from None
     conn.execute("SELECT set_config('lock_timeout', %s, false)", [lock_timeout])
     if not autocommit:
         conn.commit()

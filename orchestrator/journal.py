@@ -16,7 +16,7 @@ from orchestrator.executor import Statement, Unit
 from orchestrator.names import QualifiedName, quote_ident
 from orchestrator.plan import Plan, diff_fields
 from orchestrator.render import render_steps
-from orchestrator.spec import CheckSpec, GreenColumn, IndexSpec, MigrationSpec
+from orchestrator.spec import CheckSpec, Feed, GreenColumn, IndexSpec, MigrationSpec
 
 Conn = psycopg.Connection[Any]
 LOCK_CLASS = 0x6267  # "bg": the first key of every bgsync advisory lock
@@ -45,6 +45,18 @@ def journal_unit(schema: str) -> Unit:
 def phase_statement(spec: MigrationSpec, phase: str) -> Statement:
     [(description, text)] = render_steps("migration_phase.sql.j2", schema=spec.state_schema,
                                          name=spec.name, phase=phase)
+    return Statement(description, text)
+
+
+def green_written_statement(spec: MigrationSpec) -> Statement:
+    [(description, text)] = render_steps("migration_green_written.sql.j2", schema=spec.state_schema, name=spec.name)
+    return Statement(description, text)
+
+
+def session_pin_statement(spec: MigrationSpec) -> Statement:
+    """The settings bgsync's own sessions share with its trigger functions (search_path and, when an
+    expression is not IMMUTABLE, the settings recorded at prepare)."""
+    [(description, text)] = render_steps("session_pin.sql.j2", spec=spec)
     return Statement(description, text)
 
 
@@ -87,6 +99,7 @@ def spec_from_json(data: dict[str, Any]) -> MigrationSpec:
     fields["columns"] = [GreenColumn(**c) for c in fields["columns"]]
     fields["indexes"] = [IndexSpec(**i) for i in fields["indexes"]]
     fields["checks"] = [CheckSpec(**c) for c in fields["checks"]]
+    fields["feeds"] = [Feed(**f) for f in fields.get("feeds", [])]
     fields["grants"] = [tuple(g) for g in fields["grants"]]
     return MigrationSpec(**fields)
 

@@ -15,8 +15,6 @@ from orchestrator.errors import PlanError
 from orchestrator.names import check_name_length, parse_qualified_name
 
 DURATION = re.compile(r"^\s*\d+(\.\d+)?\s*(us|ms|s|min|h|d)?\s*$")
-# The dollar-quote tag bgsync wraps function bodies in; no plan expression may contain it.
-BODY_TAG = "$bgsync_body$"
 
 
 class _Strict(BaseModel):
@@ -35,9 +33,24 @@ def _expression(value: str) -> str:
         raise ValueError("expression must not be empty")
     if "\x00" in value:
         raise ValueError("expression must not contain a NUL character")
-    if BODY_TAG in value:
-        raise ValueError(f"expression must not contain {BODY_TAG}")
     return value
+
+
+def _duration(value: str) -> str:
+    if not DURATION.match(value):
+        raise ValueError("not a PostgreSQL duration such as 200ms, 2s or 1min")
+    return value.strip()
+
+
+_UNIT_SECONDS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "min": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def duration_seconds(value: str) -> float:
+    """A PostgreSQL duration in seconds (a bare number means milliseconds, as in PostgreSQL)."""
+    match = re.match(r"^\s*(\d+(?:\.\d+)?)\s*(us|ms|s|min|h|d)?\s*$", value)
+    if not match:
+        raise ValueError(f"not a PostgreSQL duration: {value!r}")
+    return float(match.group(1)) * _UNIT_SECONDS[match.group(2) or "ms"]
 
 
 PlainName = Annotated[str, Field(description="A plain name, taken literally (no quotes, no folding).")]
@@ -97,6 +110,14 @@ class Backfill(_Strict):
 
 class Verify(_Strict):
     workers: int = Field(default=4, ge=1, le=64)
+    snapshot_wait: str = Field(
+        default="10min", description="How long verify waits for transactions whose snapshot predates the last "
+                                     "backfill or repair before it refuses (PostgreSQL duration).")
+
+    @field_validator("snapshot_wait")
+    @classmethod
+    def _duration(cls, value: str) -> str:
+        return _duration(value)
 
 
 class Cutover(_Strict):
@@ -110,9 +131,7 @@ class Cutover(_Strict):
     @field_validator("lock_timeout")
     @classmethod
     def _duration(cls, value: str) -> str:
-        if not DURATION.match(value):
-            raise ValueError("not a PostgreSQL duration such as 200ms, 2s or 1min")
-        return value.strip()
+        return _duration(value)
 
 
 class Plan(_Strict):

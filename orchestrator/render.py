@@ -31,6 +31,13 @@ def _idents(values: list[str], prefix: str = "") -> str:
     return ", ".join(prefix + _ident(v) for v in values)
 
 
+def _collated(values: list[str], collations: list[str | None], prefix: str = "") -> str:
+    """Key columns for a range or an ORDER BY, each with blue's collation spelled out, so both tables
+    are cut and sorted in one order whatever collation green's column has."""
+    return ", ".join(prefix + _ident(v) + (f" COLLATE {c}" if c else "")
+                     for v, c in zip(values, collations, strict=True))
+
+
 def _pct(expression: str) -> str:
     """Escape `%` in SQL text that runs with bound parameters (psycopg reads `%` as a placeholder)."""
     return expression.replace("%", "%%")
@@ -40,6 +47,16 @@ def as_server_text(query: str) -> str:
     """A parameterized query as the server receives it: `%s` -> `$n`, `%%` -> `%`."""
     counter = iter(range(1, 10_000))
     return re.sub(r"%%|%s", lambda m: "%" if m.group(0) == "%%" else f"${next(counter)}", query)
+
+
+def _dollar_quote(body: str) -> str:
+    """Wrap a function body in a dollar quote whose tag the body does not contain, so no name or
+    expression inside it can ever end the quote."""
+    tag, n = "$bgsync$", 0
+    while tag in body:
+        n += 1
+        tag = f"$bgsync{n}$"
+    return f"{tag}\n{body.strip(chr(10))}\n{tag}"
 
 
 def _literal(value: Any) -> str:
@@ -60,6 +77,8 @@ def environment() -> jinja2.Environment:
     env.filters["idents"] = _idents
     env.filters["literal"] = _literal
     env.filters["pct"] = _pct
+    env.filters["collated"] = _collated
+    env.filters["dollar_quote"] = _dollar_quote
     return env
 
 

@@ -9,10 +9,16 @@ import hashlib
 from dataclasses import dataclass, field
 
 from orchestrator.catalog import INTEGER_TYPES, TableInfo
-from orchestrator.names import NAMEDATALEN_BYTES, QualifiedName, bare_column, parse_qualified_name, quote_ident
+from orchestrator.expressions import bare_column, cast_column, column_refs, is_null
+from orchestrator.names import NAMEDATALEN_BYTES, QualifiedName, parse_qualified_name, quote_ident
 from orchestrator.plan import Plan
 
 DEFAULT_STATE_SCHEMA = "bgsync"
+# Settings that change what an expression computes or how a value reads as text. When a plan's
+# expression is not IMMUTABLE, bgsync pins them (values recorded at prepare) in its trigger
+# functions and in every session of its own, so a writer's session never changes green.
+PINNED_SETTINGS = ("TimeZone", "DateStyle", "IntervalStyle", "extra_float_digits", "bytea_output",
+                   "lc_monetary", "lc_numeric", "lc_time", "xmloption")
 
 
 @dataclass(frozen=True)
@@ -22,11 +28,19 @@ class GreenColumn:
     not_null: bool
     source_expr: str | None      # SQL over a blue row; None: the value comes from green's default
     default: str | None          # green's default expression (plan's, or inherited from blue)
-    identity: str                # '' | 'a' | 'd' (inherited identity)
+    identity: str                # '' | 'a' | 'd': green's identity once live (ALWAYS is BY DEFAULT while synced)
     sequence: str | None         # green's own sequence name (inherited serial), in green's schema
     blue_sequence: str | None    # blue's owned sequence this one mirrors
     reverse_column: str | None   # blue column fed after cutover
     reverse_expr: str | None     # SQL over a green row
+    generated: str | None = None   # green's generation expression (inherited): computed, never written
+    default_inherited: bool = False
+    reverse_origin: str = ""       # explicit | column | cast | null
+
+    @property
+    def written(self) -> bool:
+        """Does the sync (and the backfill) write this column? Generated columns compute themselves."""
+        return self.source_expr is not None and self.generated is None
 
 
 @dataclass(frozen=True)
@@ -41,6 +55,15 @@ class IndexSpec:
 class CheckSpec:
     name: str
     expression: str
+
+
+@dataclass(frozen=True)
+class Feed:
+    """What keeps one blue column current after cutover (validate and `sql` print these)."""
+
+    blue_column: str
+    source: str          # SQL text over a green row, or a description
+    how: str             # explicit reverse | copied back | cast back | NULL | generated | default | identity
 
 
 @dataclass(frozen=True)
@@ -63,6 +86,11 @@ class MigrationSpec:
     primary_key_name: str
     forward_function: QualifiedName
     triggers: dict[str, str] = field(default_factory=dict)
+    blue_key_collations: list[str | None] = field(default_factory=list)
+    settings: dict[str, str] = field(default_factory=dict)
+    blue_generated: list[str] = field(default_factory=list)
+    blue_identity_always: list[str] = field(default_factory=list)
+    feeds: list[Feed] = field(default_factory=list)
 
     @property
     def integer_key(self) -> bool:
@@ -70,12 +98,25 @@ class MigrationSpec:
 
     @property
     def copied_columns(self) -> list[GreenColumn]:
-        """Green columns whose values come from blue (the rest take green's default)."""
+        """Green columns whose values come from blue (verify compares them all)."""
         return [c for c in self.columns if c.source_expr is not None]
 
     @property
-    def updatable_columns(self) -> list[GreenColumn]:
-        return [c for c in self.copied_columns if c.name not in self.green_key]
+    def written_columns(self) -> list[GreenColumn]:
+        """Copied columns that the backfill and the forward sync write (generated ones compute)."""
+        return [c for c in self.columns if c.written]
+
+    @property
+    def key_collations(self) -> list[str | None]:
+        """Blue's collation for each key column (ranges on both tables follow blue's order)."""
+        if len(self.blue_key_collations) == len(self.blue_key):
+            return self.blue_key_collations
+        return [None] * len(self.blue_key)
+
+    @property
+    def identity_always(self) -> list[str]:
+        """Green columns that are GENERATED ALWAYS once live (BY DEFAULT while the sync writes them)."""
+        return [c.name for c in self.columns if c.identity == "a"]
 
 
 @dataclass(frozen=True)
@@ -90,6 +131,7 @@ class SyncSpec:
     source_key: list[str]
     triggers: dict[str, str]
     search_path: list[str]
+    settings: dict[str, str] = field(default_factory=dict)
 
     @property
     def target_columns(self) -> list[str]:
@@ -103,9 +145,9 @@ class SyncSpec:
 def forward_sync(spec: MigrationSpec) -> SyncSpec:
     """blue -> green, from prepare until cutover (and again after a rollback of the cutover)."""
     return SyncSpec(function=spec.forward_function, source=spec.blue, target=spec.green,
-                    columns=[(c.name, c.source_expr) for c in spec.copied_columns if c.source_expr is not None],
+                    columns=[(c.name, c.source_expr) for c in spec.written_columns if c.source_expr is not None],
                     target_key=spec.green_key, source_key=spec.blue_key, triggers=spec.triggers,
-                    search_path=spec.search_path)
+                    search_path=spec.search_path, settings=spec.settings)
 
 
 def reverse_sync(spec: MigrationSpec, live: QualifiedName) -> SyncSpec:
@@ -113,10 +155,11 @@ def reverse_sync(spec: MigrationSpec, live: QualifiedName) -> SyncSpec:
     return SyncSpec(function=QualifiedName(spec.state_schema, f"{spec.name}_reverse"), source=live,
                     target=spec.retired,
                     columns=[(c.reverse_column, c.reverse_expr) for c in spec.columns
-                             if c.reverse_column is not None and c.reverse_expr is not None],
+                             if c.reverse_column is not None and c.reverse_expr is not None
+                             and c.reverse_column not in spec.blue_generated],
                     target_key=spec.blue_key, source_key=spec.green_key,
                     triggers={op: f"bgsync_{spec.name}_rev_{op}" for op in ("ins", "upd", "del", "trunc")},
-                    search_path=spec.search_path)
+                    search_path=spec.search_path, settings=spec.settings)
 
 
 def fit_name(base: str, suffix: str = "") -> str:
@@ -137,8 +180,12 @@ def resolve_target(plan: Plan, blue: QualifiedName) -> QualifiedName:
     return QualifiedName(schema or blue.schema, name)
 
 
-def build_spec(plan: Plan, blue: TableInfo, state_schema: str = DEFAULT_STATE_SCHEMA
-               ) -> tuple[MigrationSpec | None, list[str]]:
+# How strongly a green column claims to feed a blue column after cutover (highest wins).
+_CLAIM_RANK = {"explicit": 3, "null": 3, "column": 2, "cast": 1}
+
+
+def build_spec(plan: Plan, blue: TableInfo, state_schema: str = DEFAULT_STATE_SCHEMA,
+               settings: dict[str, str] | None = None) -> tuple[MigrationSpec | None, list[str]]:
     """Resolve the plan against blue's catalog entry; returns (spec, problems)."""
     problems: list[str] = []
     green = resolve_target(plan, blue.name)
@@ -146,60 +193,110 @@ def build_spec(plan: Plan, blue: TableInfo, state_schema: str = DEFAULT_STATE_SC
 
     columns: list[GreenColumn] = []
     bare_of: dict[str, str] = {}     # green column -> the blue column it copies unchanged
+    read_by: dict[str, list[int]] = {}   # blue column -> plan columns whose `from` reads it
+    claims: list[tuple[int, str, str, str]] = []   # (plan index, blue column, reverse SQL, origin)
     for i, col in enumerate(plan.columns):
         same_named = blue.column(col.name)
         if col.from_ is None:
             source_expr = quote_ident(col.name) if same_named else None
-            bare = col.name if same_named else None
+            bare = cast = col.name if same_named else None
+            reads = {col.name} if same_named else set()
         else:
             source_expr = col.from_
-            named = bare_column(col.from_)
+            named, cast_of = bare_column(col.from_), cast_column(col.from_)
             bare = named if named is not None and blue.column(named) else None
-            if named is not None and bare is None:
-                problems.append(f"columns[{i}].from: blue table {blue.name.display()} has no column {named!r}")
+            cast = cast_of if cast_of is not None and blue.column(cast_of) else None
+            if cast_of is not None and cast is None:
+                problems.append(f"columns[{i}].from: blue table {blue.name.display()} has no column {cast_of!r}")
+            reads = {r for r in column_refs(col.from_) if blue.column(r)}
+        for name in reads:
+            read_by.setdefault(name, []).append(i)
         if bare is not None:
             bare_of[col.name] = bare
         if source_expr is None and col.not_null and col.default is None:
             problems.append(f"columns[{i}]: {col.name!r} is NOT NULL but has no `from` "
                             f"(blue has no such column) and no `default`")
 
-        default, identity, sequence, blue_sequence = col.default, "", None, None
-        inherited = blue.column(bare) if bare == col.name and bare is not None else None
+        # A green column that reads its same-named blue column keeps that column's default.
+        default, identity, sequence, blue_sequence, generated = col.default, "", None, None, None
+        inherited = same_named if col.name in reads else None
         if col.default is None and inherited is not None:
-            if inherited.identity:
+            if inherited.generated and cast == col.name:
+                generated = inherited.default
+            elif inherited.identity:
                 identity = inherited.identity
             elif inherited.owned_sequence and inherited.default and "nextval(" in inherited.default:
                 sequence = fit_name(f"{green.name}_{col.name}", "_seq")
                 blue_sequence = inherited.owned_sequence
                 default = f"nextval({_regclass_literal(green.schema, sequence)})"
-            elif inherited.default is not None:
+            elif inherited.default is not None and not inherited.generated:
                 default = inherited.default
 
-        reverse_column = col.reverse_column or bare or (col.name if same_named else None)
-        reverse_expr = col.reverse
-        if reverse_expr is None and bare is not None and reverse_column == bare:
-            reverse_expr = quote_ident(col.name)
-        if col.reverse is not None and (reverse_column is None or blue.column(reverse_column) is None):
-            problems.append(f"columns[{i}].reverse_column: blue table {blue.name.display()} has no column "
-                            f"{reverse_column!r} to feed; set reverse_column")
+        if col.reverse is not None:
+            target = col.reverse_column or cast or (col.name if same_named else None)
+            if target is None or blue.column(target) is None:
+                problems.append(f"columns[{i}].reverse_column: blue table {blue.name.display()} has no column "
+                                f"{target!r} to feed; set reverse_column")
+            else:
+                claims.append((i, target, col.reverse, "null" if is_null(col.reverse) else "explicit"))
+        elif col.reverse_column is not None:
+            problems.append(f"columns[{i}].reverse_column: set `reverse` too (the SQL that feeds blue column "
+                            f"{col.reverse_column!r} from green)")
+        elif cast is not None:
+            claims.append((i, cast, quote_ident(col.name), "column" if bare is not None else "cast"))
         columns.append(GreenColumn(
             name=col.name, type=col.type, not_null=col.not_null, source_expr=source_expr, default=default,
-            identity=identity, sequence=sequence, blue_sequence=blue_sequence,
-            reverse_column=reverse_column if reverse_expr is not None else None, reverse_expr=reverse_expr))
+            identity=identity, sequence=sequence, blue_sequence=blue_sequence, reverse_column=None,
+            reverse_expr=None, generated=generated,
+            default_inherited=col.default is None and default is not None and inherited is not None))
 
-    # Every blue column must get a value after cutover, or be allowed to go without one.
-    fed: dict[str, str] = {}
-    for green_col in columns:
-        if green_col.reverse_column is None:
+    # Each blue column is fed by at most one green column: explicit reverses first, then unchanged
+    # copies, then casts (a same-named green column wins a tie).
+    chosen: dict[str, tuple[int, str, str]] = {}
+    for i, target, expr, origin in claims:
+        if target in blue.generated_columns():
             continue
-        if green_col.reverse_column in fed:
-            problems.append(f"columns: blue column {green_col.reverse_column!r} is fed by both "
-                            f"{fed[green_col.reverse_column]!r} and {green_col.name!r}")
-        fed[green_col.reverse_column] = green_col.name
+        current = chosen.get(target)
+        if current is None:
+            chosen[target] = (i, expr, origin)
+            continue
+        if _CLAIM_RANK[origin] == _CLAIM_RANK[current[2]] == 3:
+            problems.append(f"columns[{i}].reverse: blue column {target!r} is already fed by "
+                            f"columns[{current[0]}] ({plan.columns[current[0]].name!r})")
+        elif _CLAIM_RANK[origin] > _CLAIM_RANK[current[2]] or (
+                _CLAIM_RANK[origin] == _CLAIM_RANK[current[2]] and plan.columns[i].name == target
+                and plan.columns[current[0]].name != target):
+            chosen[target] = (i, expr, origin)
+    for target, (i, expr, origin) in chosen.items():
+        columns[i] = _with_reverse(columns[i], target, expr, origin)
+
+    feeds: list[Feed] = []
     for bcol in blue.columns:
-        if bcol.name not in fed and bcol.not_null and not bcol.has_default:
+        if bcol.generated:
+            feeds.append(Feed(bcol.name, "(computed by blue)", "generated"))
+        elif bcol.name in chosen:
+            i, expr, origin = chosen[bcol.name]
+            how = {"explicit": "reverse", "null": "reverse: NULL", "column": "copied back",
+                   "cast": "cast back"}[origin]
+            source = {"null": "NULL", "explicit": expr}.get(origin, plan.columns[i].name)
+            feeds.append(Feed(bcol.name, source, how))
+            if origin == "null" and bcol.not_null:
+                problems.append(f"columns[{i}].reverse: blue column {bcol.name!r} is NOT NULL; it cannot "
+                                f"receive NULL after cutover")
+        elif bcol.name in read_by:
+            readers = ", ".join(f"columns[{i}] ({plan.columns[i].name})" for i in read_by[bcol.name])
+            problems.append(f"columns: blue column {bcol.name!r} is read by {readers} but nothing feeds it "
+                            f"after cutover, so a rollback would lose the writes made to it: add `reverse` "
+                            f"(and `reverse_column: {bcol.name}`), or `reverse: \"NULL\"` to let it go NULL")
+        elif bcol.identity:
+            feeds.append(Feed(bcol.name, "(its identity sequence)", "identity"))
+        elif bcol.default is not None:
+            feeds.append(Feed(bcol.name, bcol.default, "default (not in green)"))
+        elif bcol.not_null:
             problems.append(f"columns: blue column {bcol.name!r} is NOT NULL without a default and no "
                             f"green column feeds it back (add `reverse` and `reverse_column`)")
+        else:
+            feeds.append(Feed(bcol.name, "NULL", "not in green"))
 
     # The key: green names in the plan, copied unchanged from a unique NOT NULL key of blue.
     green_key: list[str] = list(plan.key) if plan.key else []
@@ -235,7 +332,7 @@ def build_spec(plan: Plan, blue: TableInfo, state_schema: str = DEFAULT_STATE_SC
             gcol = next(c for c in plan.columns if c.name == gk)
             if not gcol.not_null:
                 problems.append(f"key[{i}]: green key column {gk!r} must be not_null: true")
-    blue_key_types = [c.type for c in (blue.column(k) for k in blue_key) if c is not None]
+    key_columns = [c for c in (blue.column(k) for k in blue_key) if c is not None]
 
     indexes = [
         IndexSpec(name=ix.name or fit_name(f"{green.name}_{'_'.join(ix.columns)}", "_idx"),
@@ -245,15 +342,24 @@ def build_spec(plan: Plan, blue: TableInfo, state_schema: str = DEFAULT_STATE_SC
     search_path = list(dict.fromkeys(["pg_catalog", blue.name.schema, "public", "pg_temp"]))
     if problems:
         return None, problems
+    written_back = {c.reverse_column for c in columns if c.reverse_column is not None}
     spec = MigrationSpec(
         name=plan.name, plan_hash=plan.structural_hash(), blue=blue.name, green=green, retired=retired,
         state_schema=state_schema, columns=columns, green_key=green_key, blue_key=blue_key,
-        blue_key_types=blue_key_types, indexes=indexes, checks=checks, blue_owner=blue.owner,
+        blue_key_types=[c.type for c in key_columns], indexes=indexes, checks=checks, blue_owner=blue.owner,
         grants=[(g.grantee, g.privilege, g.grantable) for g in blue.grants], search_path=search_path,
         primary_key_name=fit_name(green.name, "_pkey"),
         forward_function=QualifiedName(state_schema, f"{plan.name}_forward"),
-        triggers={op: f"bgsync_{plan.name}_fwd_{op}" for op in ("ins", "upd", "del", "trunc")})
+        triggers={op: f"bgsync_{plan.name}_fwd_{op}" for op in ("ins", "upd", "del", "trunc")},
+        blue_key_collations=[c.collation for c in key_columns], settings=dict(settings or {}),
+        blue_generated=blue.generated_columns(),
+        blue_identity_always=[c.name for c in blue.columns if c.identity == "a" and c.name in written_back],
+        feeds=feeds)
     return spec, []
+
+
+def _with_reverse(col: GreenColumn, target: str, expr: str, origin: str) -> GreenColumn:
+    return GreenColumn(**{**col.__dict__, "reverse_column": target, "reverse_expr": expr, "reverse_origin": origin})
 
 
 def _regclass_literal(schema: str, name: str) -> str:

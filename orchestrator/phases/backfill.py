@@ -28,7 +28,7 @@ from orchestrator import db, log
 from orchestrator.catalog import INTEGER_TYPES
 from orchestrator.errors import DatabaseError, Interrupted
 from orchestrator.executor import Executor, Statement, Unit
-from orchestrator.journal import LOCK_CLASS, phase_statement
+from orchestrator.journal import LOCK_CLASS, green_written_statement, phase_statement, session_pin_statement
 from orchestrator.render import render, render_steps
 from orchestrator.spec import MigrationSpec
 
@@ -235,7 +235,7 @@ def worker(shared: Shared, number: int) -> None:
     event = render("journal_event.sql.j2", schema=spec.state_schema)
     retries = 0
     try:
-        for statement in session_statements():
+        for statement in [*session_statements(), session_pin_statement(spec)]:
             executor.execute(conn, statement)
         conn.commit()
         while not shared.stop.is_set():
@@ -366,7 +366,8 @@ def run(conn: Conn, dsn: str, spec: MigrationSpec, settings: Settings) -> None:
         # CONCURRENTLY waits for older transactions; those waits block no writer, so no timeout here.
         build_indexes(index_conn, Executor(index_conn, dry_run=False, migration=spec.name,
                                            state_schema=spec.state_schema), spec)
-    executor.run(Unit(f"backfill {spec.name} complete", [phase_statement(spec, "backfilled")], phase="backfill"))
+    executor.run(Unit(f"backfill {spec.name} complete",
+                      [phase_statement(spec, "backfilled"), green_written_statement(spec)], phase="backfill"))
     elapsed = time.monotonic() - started
     log.success(f"backfilled {spec.name}: {copied_total:,} rows in green; this run copied {shared.copied:,} rows "
                 f"in {elapsed:.1f}s ({shared.copied / max(elapsed, 1e-6):,.0f} rows/s)")
@@ -422,7 +423,8 @@ def print_plan(conn: Conn, spec: MigrationSpec, settings: Settings) -> None:
         _with(_statement("backfill_chunks.sql.j2", spec=spec), ["<partitions as JSON>"]),
         phase_statement(spec, "backfilling"),
     ]
-    printer.run(Unit("settings of each worker's session", session_statements(), atomic=False))
+    printer.run(Unit("settings of each worker's session", [*session_statements(), session_pin_statement(spec)],
+                     atomic=False))
     printer.run(Unit(f"backfill {spec.name}: plan about {partition_count(settings, rows)} partitions "
                      f"({settings.workers} workers, {settings.batch_rows} rows per batch)", plan_unit))
     batch = [_statement("backfill_claim.sql.j2", spec=spec)]
@@ -440,4 +442,5 @@ def print_plan(conn: Conn, spec: MigrationSpec, settings: Settings) -> None:
     printer.run(Unit("each batch, repeated by every worker until no partition is left", batch))
     for unit in index_units(conn, spec):
         printer.run(unit)
-    printer.run(Unit(f"backfill {spec.name} complete", [phase_statement(spec, "backfilled")]))
+    printer.run(Unit(f"backfill {spec.name} complete", [phase_statement(spec, "backfilled"),
+                                                         green_written_statement(spec)]))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+import re
+from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
@@ -10,16 +12,21 @@ import psycopg
 from orchestrator import catalog
 from orchestrator.catalog import Dependent, TableInfo
 from orchestrator.errors import DatabaseError, PlanError
-from orchestrator.executor import Executor, Statement
 from orchestrator.journal import MigrationRow, get_migration
 from orchestrator.names import QualifiedName, quote_ident
 from orchestrator.plan import Plan
 from orchestrator.render import render_steps
-from orchestrator.spec import MigrationSpec, build_spec
+from orchestrator.spec import PINNED_SETTINGS, GreenColumn, MigrationSpec, build_spec, forward_sync, reverse_sync
 
 Conn = psycopg.Connection[Any]
 RELKINDS = {"v": "view", "m": "materialized view", "p": "partitioned table", "f": "foreign table",
             "S": "sequence", "i": "index", "c": "composite type", "t": "TOAST table"}
+# What a STABLE expression's functions and types say about the settings it reads.
+SETTING_HINTS = (("with time zone", "TimeZone"), ("timestamptz", "TimeZone"), ("date", "DateStyle"),
+                 ("timestamp", "DateStyle"), ("interval", "IntervalStyle"), ("double precision", "extra_float_digits"),
+                 ("real", "extra_float_digits"), ("money", "lc_monetary"), ("bytea", "bytea_output"),
+                 ("to_char", "lc_time"), ("to_char", "lc_numeric"), ("reg", "search_path"), ("xml", "xmloption"))
+REHEARSAL_ROWS = 3
 
 
 @dataclass
@@ -29,6 +36,17 @@ class Validation:
     spec: MigrationSpec
     dependents: list[Dependent]
     migration: MigrationRow | None
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Probe:
+    """What the live probes found: problems, notes for the DBA, inherited defaults that do not fit."""
+
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    dropped_defaults: set[str] = field(default_factory=set)
+    mutable: bool = False          # some sync expression is not IMMUTABLE: pin the session settings
 
 
 def validate_live(conn: Conn, plan: Plan, state_schema: str) -> Validation:
@@ -47,52 +65,232 @@ def validate_live(conn: Conn, plan: Plan, state_schema: str) -> Validation:
     ours = migration is not None and migration.active
     if not catalog.schema_exists(conn, spec.green.schema):
         problems.append(f"target: schema {spec.green.schema!r} does not exist")
-    for field, name in (("target", spec.green), ("cutover.retired_name", spec.retired)):
+    for field_name, name in (("target", spec.green), ("cutover.retired_name", spec.retired)):
         kind = catalog.relation_exists(conn, name)
         if kind and not ours:
             what = RELKINDS.get(kind, "table")
-            problems.append(f"{field}: {name.display()} already exists ({what}); choose a free name")
+            problems.append(f"{field_name}: {name.display()} already exists ({what}); choose a free name")
     for col in spec.columns:
         if col.sequence and catalog.relation_exists(conn, QualifiedName(spec.green.schema, col.sequence)) \
                 and not ours:
             problems.append(f"columns: sequence {col.sequence!r} for green column {col.name!r} already exists")
-    problems += typecheck(conn, plan, spec, blue)
+    probe = typecheck(conn, plan, spec, blue)
+    problems += probe.problems
     if problems:
         raise PlanError(problems)
+    spec = _settle(conn, spec, probe)
+    rehearsal = rehearse_sync(conn, plan, spec, blue)
+    if rehearsal:
+        raise PlanError(rehearsal)
     return Validation(plan=plan, blue=blue, spec=spec, dependents=catalog.dependents(conn, oid),
-                      migration=migration)
+                      migration=migration, notes=probe.notes)
 
 
-def typecheck(conn: Conn, plan: Plan, spec: MigrationSpec, blue: TableInfo) -> list[str]:
-    """Run each expression the way bgsync will (assignment casts, CHECK and index rules) on a probe."""
-    problems: list[str] = []
+def _settle(conn: Conn, spec: MigrationSpec, probe: Probe) -> MigrationSpec:
+    """Drop inherited defaults that do not fit green, and record the settings to pin."""
+    columns = [dataclasses.replace(c, default=None, default_inherited=False) if c.name in probe.dropped_defaults
+               else c for c in spec.columns]
+    settings: dict[str, str] = {}
+    if probe.mutable:
+        settings = {str(r[0]): str(r[1]) for r in conn.execute(
+            "SELECT n, current_setting(n) FROM unnest(%s::text[]) AS n", [list(PINNED_SETTINGS)])}
+    return dataclasses.replace(spec, columns=columns, settings=settings)
+
+
+def _guarded(conn: Conn, text: str, params: list[Any] | None = None) -> tuple[list[tuple[Any, ...]], str | None]:
+    """Run one probe statement in a savepoint: (rows, None), or ([], the error message)."""
+    try:
+        with conn.transaction():
+            cur = conn.execute(text, params)
+            return (cur.fetchall() if cur.description else []), None
+    except psycopg.errors.LockNotAvailable:
+        raise
+    except psycopg.Error as error:
+        return [], (error.diag.message_primary or str(error)).strip()
+
+
+def typecheck(conn: Conn, plan: Plan, spec: MigrationSpec, blue: TableInfo) -> Probe:
+    """Run each expression the way bgsync will (assignment casts, CHECK and index rules) on a probe,
+    then classify the sync expressions: VOLATILE is refused, STABLE is named with its settings."""
+    probe = Probe()
     steps = render_steps(
         "validate.sql.j2", plan_columns=plan.columns, spec_columns=spec.columns, blue=blue.name,
         checks=plan.checks, indexes=plan.indexes,
         col_index={c.name: i for i, c in enumerate(plan.columns)})
-    runner = Executor(conn=None, dry_run=False)
     try:
         with conn.transaction(force_rollback=True):
             conn.execute("SELECT set_config('search_path', %s, true), set_config('lock_timeout', %s, true),"
                          " set_config('statement_timeout', '30s', true)",
                          [", ".join(quote_ident(s) for s in spec.search_path), plan.cutover.lock_timeout])
             types_ok = True
-            for field, text in steps:
-                if field == "columns" and not types_ok:
+            for step, text in steps:
+                if step == "columns" and not types_ok:
                     break
-                try:
-                    with conn.transaction():
-                        runner.execute(conn, Statement(field, text))
-                except psycopg.errors.LockNotAvailable:
-                    raise
-                except psycopg.Error as error:
-                    message = (error.diag.message_primary or str(error)).strip()
-                    problems.append(f"{field}: {message}")
-                    if field.endswith(".type"):
-                        types_ok = False
-                    if field == "columns":
-                        break
+                _, message = _guarded(conn, text)
+                if message is None:
+                    continue
+                if step.endswith("(inherited)"):
+                    field_name = step.removesuffix(" (inherited)")
+                    col = _column(spec, plan, field_name)
+                    probe.dropped_defaults.add(col.name)
+                    same = blue.column(col.name)
+                    blue_default = (same.default if same is not None else None) or "?"
+                    if col.not_null:
+                        probe.problems.append(f"{field_name}: blue's default {blue_default} does not fit green "
+                                              f"type {col.type} ({message}); set `default`")
+                    else:
+                        probe.notes.append(f"{col.name}: blue's default {blue_default} does not fit green type "
+                                           f"{col.type} ({message}); green has no default")
+                    continue
+                probe.problems.append(f"{step}: {message}")
+                if step.endswith(".type"):
+                    types_ok = False
+                if step == "columns":
+                    break
+            if not probe.problems:
+                _classify(conn, plan, spec, blue, probe)
     except psycopg.errors.LockNotAvailable:
         raise DatabaseError(f"source {blue.name.display()} is locked by another session beyond lock_timeout "
                             f"{plan.cutover.lock_timeout}; nothing was changed, try again when it is free") from None
+    for col in spec.columns:
+        if col.default_inherited and col.name not in probe.dropped_defaults:
+            probe.notes.append(f"{col.name}: default {col.default} inherited from blue")
+    return probe
+
+
+def _column(spec: MigrationSpec, plan: Plan, field_name: str) -> GreenColumn:
+    index = int(field_name.split("[", 1)[1].split("]", 1)[0])
+    name = plan.columns[index].name
+    return next(c for c in spec.columns if c.name == name)
+
+
+def _classify(conn: Conn, plan: Plan, spec: MigrationSpec, blue: TableInfo, probe: Probe) -> None:
+    """IMMUTABLE (PostgreSQL accepts it in an index), STABLE, or VOLATILE (a function it calls is)."""
+    blue_probe = quote_ident("bgsync_validate_blue")
+    _guarded(conn, f"CREATE TEMPORARY TABLE {blue_probe} (LIKE {blue.name.ident().as_string(None)})")
+    green_probe = quote_ident("bgsync_validate_green")
+    col_index = {c.name: i for i, c in enumerate(plan.columns)}
+    blue_types = {c.name: c.type for c in blue.columns}
+    checks: list[tuple[str, str, str, str, str]] = []   # (field, expr, cast type, probe table, reads from)
+    for col in spec.columns:
+        i = col_index[col.name]
+        if col.source_expr is not None and plan.columns[i].from_ is not None:
+            checks.append((f"columns[{i}].from", col.source_expr, col.type, blue_probe,
+                           blue.name.ident().as_string(None)))
+        if col.reverse_expr is not None and col.reverse_column is not None and plan.columns[i].reverse is not None:
+            checks.append((f"columns[{i}].reverse", col.reverse_expr, blue_types[col.reverse_column], green_probe,
+                           green_probe))
+    for field_name, expr, cast_type, table, reads in checks:
+        cast = f"CAST(({expr}) AS {cast_type})"
+        _, not_immutable = _guarded(conn, f"CREATE INDEX ON {table} ((({cast}) IS NULL))")
+        if not_immutable is None:
+            continue
+        probe.mutable = True
+        used = _functions_used(conn, cast, cast_type, reads)
+        volatile = sorted(name for name, kind in used if kind == "v")
+        if volatile:
+            probe.problems.append(f"{field_name}: the expression is VOLATILE ({', '.join(volatile)}): it gives "
+                                  f"another value each time, so green could never be verified; use a "
+                                  f"`default` for new values, or an IMMUTABLE or STABLE expression")
+            continue
+        words = " ".join([expr, cast_type, *(name for name, _ in used)]).lower()
+        settings = sorted({setting for hint, setting in SETTING_HINTS if hint in words}) or ["session settings"]
+        probe.notes.append(f"{field_name} is STABLE, not IMMUTABLE: it depends on {', '.join(settings)}; bgsync "
+                           f"pins them in its trigger functions and sessions to the values of this session")
+
+
+def _functions_used(conn: Conn, cast: str, cast_type: str, reads: str) -> list[tuple[str, str]]:
+    """(function, provolatile) for every function and operator the expression calls, read from the
+    parse tree PostgreSQL stores for a SQL-standard function body (system functions included)."""
+    name = quote_ident("bgsync_validate_volatility")
+    _guarded(conn, f"DROP FUNCTION IF EXISTS pg_temp.{name}()")
+    _, failed = _guarded(conn, f"CREATE FUNCTION pg_temp.{name}() RETURNS SETOF {cast_type} LANGUAGE sql "
+                               f"BEGIN ATOMIC SELECT {cast} FROM {reads}; END")
+    body, _ = _guarded(conn, "SELECT prosqlbody::text FROM pg_proc WHERE proname = 'bgsync_validate_volatility' "
+                             "AND pronamespace = pg_my_temp_schema()")
+    if failed or not body:
+        return [("(an expression bgsync could not analyse)", "s")]
+    tree = str(body[0][0])
+    oids = sorted({int(m) for m in re.findall(r":(?:op)?funcid (\d+)", tree)})
+    rows, _ = _guarded(conn, "SELECT oid::regprocedure::text, provolatile::text FROM pg_proc WHERE oid = ANY(%s)",
+                       [oids])
+    used = [(str(r[0]), str(r[1])) for r in rows]
+    if "NEXTVALUEEXPR" in tree:
+        used.append(("(an identity's next value)", "v"))
+    if "SQLVALUEFUNCTION" in tree:
+        used.append(("(current_date, current_timestamp or the like) with time zone", "s"))
+    if "COERCEVIAIO" in tree:
+        used.append(("(a conversion through text)", "s"))
+    return used
+
+
+# -- the sync, rehearsed on temporary tables --------------------------------------------------------
+def rehearse_sync(conn: Conn, plan: Plan, spec: MigrationSpec, blue: TableInfo) -> list[str]:
+    """Run the exact forward and reverse sync functions once, on temporary copies of blue and green
+    (a few of blue's rows), inside a transaction that is rolled back: a plan whose sync would make an
+    application's write fail is refused here, not discovered by the application."""
+    temp_blue = QualifiedName("pg_temp", "bgsync_rehearse_blue")
+    temp_green = QualifiedName("pg_temp", "bgsync_rehearse_green")
+    rehearsal = dataclasses.replace(
+        spec, blue=temp_blue, green=temp_green, retired=temp_blue, state_schema="pg_temp",
+        forward_function=QualifiedName("pg_temp", "bgsync_rehearse_forward"), grants=[],
+        columns=[dataclasses.replace(c, sequence=None, blue_sequence=None,
+                                     default=None if c.sequence else c.default) for c in spec.columns],
+        triggers={op: f"bgsync_rehearse_fwd_{op}" for op in ("ins", "upd", "del", "trunc")})
+    writable = [c.name for c in blue.columns if not c.generated]
+    blue_sql, tb, tg = blue.name.ident().as_string(None), temp_blue.ident().as_string(None), \
+        temp_green.ident().as_string(None)
+    key = ", ".join(quote_ident(k) for k in spec.blue_key)
+    green_key = ", ".join(quote_ident(k) for k in spec.green_key)
+    blue_cols = ", ".join(quote_ident(c) for c in writable)
+    non_key_blue = [c for c in writable if c not in spec.blue_key and not _identity_always(blue, c)]
+    non_key_green = [c.name for c in spec.written_columns if c.name not in spec.green_key]
+    steps: list[tuple[str, str]] = [
+        ("copy of blue", f"CREATE TEMPORARY TABLE {tb} (LIKE {blue_sql} INCLUDING ALL)"),
+    ]
+    steps += [(f"prepare: {d}", s) for d, s in render_steps(
+        "prepare.sql.j2", spec=rehearsal, current_user=spec.blue_owner, sync=forward_sync(rehearsal),
+        title="forward sync")]
+    steps += [
+        ("forward sync of an INSERT", f"INSERT INTO {tb} ({blue_cols}) OVERRIDING SYSTEM VALUE "
+                                      f"SELECT {blue_cols} FROM {blue_sql} LIMIT {REHEARSAL_ROWS}"),
+    ]
+    if non_key_blue:
+        sets = ", ".join(f"{quote_ident(c)} = {quote_ident(c)}" for c in non_key_blue)
+        steps.append(("forward sync of an UPDATE", f"UPDATE {tb} SET {sets}"))
+    steps.append(("forward sync of a DELETE",
+                  f"DELETE FROM {tb} WHERE ({key}) IN (SELECT {key} FROM {tb} ORDER BY {key} LIMIT 1)"))
+    reverse = reverse_sync(rehearsal, temp_green)
+    steps += [(f"cutover: {d}", s) for d, s in render_steps(
+        "_drop_sync.sql.j2", sync=forward_sync(rehearsal), title="forward sync")]
+    steps += [(f"cutover: {c} becomes BY DEFAULT while the reverse sync writes it",
+               f"ALTER TABLE {tb} ALTER COLUMN {quote_ident(c)} SET GENERATED BY DEFAULT")
+              for c in spec.blue_identity_always]
+    steps += [(f"cutover: {d}", s) for d, s in render_steps("_sync.sql.j2", sync=reverse, title="reverse sync")]
+    if non_key_green:
+        sets = ", ".join(f"{quote_ident(c)} = {quote_ident(c)}" for c in non_key_green)
+        steps.append(("reverse sync of an UPDATE", f"UPDATE {tg} SET {sets}"))
+    steps.append(("reverse sync of a DELETE",
+                  f"DELETE FROM {tg} WHERE ({green_key}) IN (SELECT {green_key} FROM {tg} ORDER BY {green_key} "
+                  f"LIMIT 1)"))
+    written = spec.written_columns
+    steps.append(("reverse sync of an INSERT",
+                  f"INSERT INTO {tg} ({', '.join(quote_ident(c.name) for c in written)}) OVERRIDING SYSTEM VALUE "
+                  f"SELECT {', '.join(str(c.source_expr) for c in written)} FROM {blue_sql} "
+                  f"ORDER BY {key} LIMIT 1"))
+    problems: list[str] = []
+    with conn.transaction(force_rollback=True):
+        conn.execute("SELECT set_config('search_path', %s, true)",
+                     [", ".join(quote_ident(s) for s in spec.search_path)])
+        for description, text in steps:
+            _, message = _guarded(conn, text)
+            if message is not None:
+                problems.append(f"sync: rehearsing {description} failed: {message}; the application's writes "
+                                f"would fail the same way")
+                break
     return problems
+
+
+def _identity_always(blue: TableInfo, column: str) -> bool:
+    info = blue.column(column)
+    return info is not None and info.identity == "a"

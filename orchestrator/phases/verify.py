@@ -15,17 +15,18 @@ from typing import Any
 import psycopg
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from orchestrator import db, log
-from orchestrator.errors import DatabaseError
+from orchestrator import catalog, db, log
+from orchestrator.errors import DatabaseError, GateRefused
 from orchestrator.executor import Executor, Statement, Unit
-from orchestrator.journal import journal_unit, phase_statement
+from orchestrator.journal import green_written_statement, journal_unit, phase_statement, session_pin_statement
 from orchestrator.names import quote_ident
 from orchestrator.phases.backfill import BatchSql, Key, _statement, _with, session_statements
-from orchestrator.render import render_steps
+from orchestrator.render import render, render_steps
 from orchestrator.spec import MigrationSpec
 
 Conn = psycopg.Connection[Any]
 LEAF_ROWS = 200          # a mismatched range this small is compared row by row
+MAX_DEPTH = 64           # bisection depth bound: 2**64 rows; deeper would mean the halves do not shrink
 MAX_REPORTED = 1000      # mismatched rows reported in full; the count is always exact
 
 
@@ -68,62 +69,76 @@ class Report:
         }
 
 
+# Base types whose `=` means "reads the same as text": their own hash functions may be used. Every
+# other type (numeric, floats, interval, arrays, ranges, json, citext, text under a nondeterministic
+# collation...) is hashed as text, because `=` there accepts values that read differently.
+IDENTITY_HASHED = frozenset({
+    "smallint", "integer", "bigint", "oid", "boolean", "uuid", "date", "timestamp without time zone",
+    "timestamp with time zone", "time without time zone", "bytea", "jsonb", '"char"', "bit", "bit varying",
+    "macaddr", "macaddr8"})
+STRING_TYPES = frozenset({"text", "character varying", "name"})
+ROW_SEED = 7  # seed of the final mix: sum(mix(row)) is not linear in the row's columns
+
+
+@dataclass(frozen=True)
+class CompareColumn:
+    name: str
+    type: str            # green's type as format_type writes it
+    by_text: bool        # hashed as text (COLLATE "C") rather than with the type's own hash
+
+
 class Projection:
-    """The compared columns: blue's `from` cast to green's type. Checksums hash each value with its
-    type's own hash function (`hash_record_extended`), so values that are equal but print
-    differently (numeric scale, -0, time zones) hash the same; types without one are compared as
-    text. Row-by-row diffs compare text, normalized the same way (trim_scale, + 0)."""
+    """The compared columns: blue's `from` cast to green's type against green's value. Parity means
+    that each value reads the same as text in one session; the checksum hashes each value with its
+    type's hash where `=` implies identical text, as text otherwise, then mixes the row's hash
+    non-linearly before the order-independent sum (values swapped between rows or columns show)."""
 
     def __init__(self, conn: Conn, spec: MigrationSpec) -> None:
-        types = {r[0]: (r[1], r[2]) for r in conn.execute(
-            """SELECT a.attname, format_type(a.atttypid, a.atttypmod), a.atttypid::regtype::text
-                 FROM pg_attribute a WHERE a.attrelid = to_regclass(%s) AND a.attnum > 0
-                  AND NOT a.attisdropped""", [str(spec.green)])}
-        if not types:  # a dry run before prepare: green's types as the plan writes them
-            types = {c.name: (c.type, _base_type(conn, c.type)) for c in spec.columns}
-        self.names: list[str] = []
-        self.blue: list[str] = []
+        kinds = {r[0]: (r[1], r[2], r[3], r[4]) for r in conn.execute(
+            """WITH RECURSIVE cols AS (
+                   SELECT a.attname, format_type(a.atttypid, a.atttypmod) AS full_type, a.atttypid AS t,
+                          coalesce(c.collisdeterministic, true) AS deterministic
+                     FROM pg_attribute a LEFT JOIN pg_collation c ON c.oid = a.attcollation
+                    WHERE a.attrelid = to_regclass(%s) AND a.attnum > 0 AND NOT a.attisdropped),
+               base AS (
+                   SELECT attname, full_type, deterministic, t FROM cols
+                   UNION ALL
+                   SELECT b.attname, b.full_type, b.deterministic, ty.typbasetype
+                     FROM base b JOIN pg_type ty ON ty.oid = b.t WHERE ty.typtype = 'd')
+               SELECT b.attname, b.full_type, format_type(b.t, NULL), ty.typtype::text, b.deterministic
+                 FROM base b JOIN pg_type ty ON ty.oid = b.t WHERE ty.typtype <> 'd'""", [str(spec.green)])}
+        if not kinds:  # a dry run before prepare: green's types as the plan writes them
+            kinds = {c.name: (c.type, _base_type(conn, c.type), "b", True) for c in spec.columns}
+        self.columns: list[CompareColumn] = []
+        self.blue: list[str] = []          # blue's projection as green's type
         self.green: list[str] = []
-        self.blue_hashed: list[str] = []
-        self.green_hashed: list[str] = []
-        version = conn.execute("SELECT current_setting('server_version_num')::int").fetchone()
-        self.record_hash = bool(version and version[0] >= 140000)
         for col in spec.copied_columns:
-            full_type, base = types[col.name]
-            blue, green = f"CAST(({col.source_expr}) AS {full_type})", quote_ident(col.name)
-            self.names.append(col.name)
-            self.blue.append(_normalize(blue, base))
-            self.green.append(_normalize(green, base))
-            if self.record_hash and _hashable(conn, full_type):
-                self.blue_hashed.append(blue)
-                self.green_hashed.append(green)
-            else:
-                self.blue_hashed.append(f"({_normalize(blue, base)})::text")
-                self.green_hashed.append(f"({_normalize(green, base)})::text")
-        self.green_key_types = [types[k][0] for k in spec.green_key]
+            full_type, base, typtype, deterministic = kinds[col.name]
+            by_text = not (base in IDENTITY_HASHED or typtype == "e" or (base in STRING_TYPES and deterministic))
+            self.columns.append(CompareColumn(col.name, full_type, by_text))
+            self.blue.append(f"CAST(({col.source_expr}) AS {full_type})")
+            self.green.append(f"{quote_ident(col.name)}")
+        self.names = [c.name for c in self.columns]
+        self.green_key_types = [kinds[k][0] for k in spec.green_key]
 
+    @staticmethod
+    def _hashed(expressions: list[str], columns: list[CompareColumn]) -> str:
+        parts = [f'hashtextextended(({e})::text COLLATE "C", 0)' if c.by_text else e
+                 for e, c in zip(expressions, columns, strict=True)]
+        return f"hashint8extended(hash_record_extended(ROW({', '.join(parts)}), 0), {ROW_SEED})"
 
-def _hashable(conn: Conn, type_text: str) -> bool:
-    """Does the type have an extended hash function (json, point, xml do not)?"""
-    try:
-        with conn.transaction():
-            conn.execute(f"SELECT hash_record_extended(ROW(NULL::{type_text}), 0)")
-        return True
-    except psycopg.Error:
-        return False
+    @property
+    def blue_hash(self) -> str:
+        return self._hashed(self.blue, self.columns)
+
+    @property
+    def green_hash(self) -> str:
+        return self._hashed(self.green, self.columns)
 
 
 def _base_type(conn: Conn, type_text: str) -> str:
-    row = conn.execute("SELECT to_regtype(%s)::text", [type_text]).fetchone()
-    return str(row[0]) if row else type_text
-
-
-def _normalize(expression: str, base_type: str) -> str:
-    if base_type == "numeric":
-        return f"trim_scale({expression})"
-    if base_type in ("double precision", "real"):
-        return f"(({expression}) + 0)"
-    return expression
+    row = conn.execute("SELECT format_type(to_regtype(%s), NULL)", [type_text]).fetchone()
+    return str(row[0]) if row and row[0] else type_text
 
 
 class Queries:
@@ -139,9 +154,7 @@ class Queries:
             p = self.projection
             self._cache[key] = _statement(
                 f"verify_{kind}.sql.j2", spec=self.spec, side=side, has_lower=has_lower, has_upper=has_upper,
-                blue_row=", ".join(p.blue_hashed), green_row=", ".join(p.green_hashed),
-                record_hash=p.record_hash,
-                blue_columns=p.blue, green_columns=p.green,
+                blue_hash=p.blue_hash, green_hash=p.green_hash, blue_columns=p.blue, green_columns=p.green,
                 green_key_types=p.green_key_types)
         return self._cache[key]
 
@@ -170,22 +183,24 @@ class Checker:
         return blue[0], green[0]
 
     def narrow(self, r: Range, blue: tuple[int, int], green: tuple[int, int], report: Report,
-               lock: threading.Lock) -> None:
-        """Bisect by key until a range is small enough to compare row by row."""
-        if max(blue[0], green[0]) <= LEAF_ROWS:
+               lock: threading.Lock, depth: int = 0) -> None:
+        """Bisect by key until a range is small enough to compare row by row. Both tables are cut in
+        blue's key order (its collation spelled out), so each half holds fewer rows; a split that
+        would not shrink the range ends the bisection there instead of recursing."""
+        if max(blue[0], green[0]) <= LEAF_ROWS or depth >= MAX_DEPTH:
             self.diff_rows(r, report, lock)
             return
         side, count = ("blue", blue[0]) if blue[0] >= green[0] else ("green", green[0])
         split = self.queries.get("split", side, r.lo is not None, r.hi is not None)
         rows = self.executor.execute(self.conn, _with(split, [*_bounds(r), count // 2]))
-        if not rows:
+        middle = [str(v) for v in rows[0]] if rows else None
+        if middle is None or middle in (r.lo, r.hi):
             self.diff_rows(r, report, lock)
             return
-        middle = [str(v) for v in rows[0]]
         for half in (Range(r.lo, middle), Range(middle, r.hi)):
             b, g = self.aggregate("blue", half), self.aggregate("green", half)
             if b != g:
-                self.narrow(half, b, g, report, lock)
+                self.narrow(half, b, g, report, lock, depth + 1)
 
     def rows(self, side: str, r: Range) -> dict[tuple[str, ...], list[str | None]]:
         statement = self.queries.get("rows", side, r.lo is not None, r.hi is not None)
@@ -228,12 +243,52 @@ def partitions(conn: Conn, spec: MigrationSpec) -> list[Range]:
     return ranges
 
 
-def run(conn: Conn, dsn: str, spec: MigrationSpec, workers: int, *, record: bool = True) -> Report:
+def wait_for_older_snapshots(conn: Conn, spec: MigrationSpec, bound_seconds: float) -> None:
+    """A writer whose snapshot is older than bgsync's last write to green (a backfill batch, a repair)
+    cannot see the rows bgsync wrote: its DELETE or key change leaves them behind in green. So verify
+    compares only once every such transaction has ended, and names them while it waits."""
+    row = conn.execute(f"SELECT green_written_at FROM {quote_ident(spec.state_schema)}.migrations WHERE name = %s",
+                       [spec.name]).fetchone()
+    conn.commit()
+    horizon = row[0] if row else None
+    if horizon is None:
+        return
+    started = time.monotonic()
+    announced: set[int] = set()
+    while True:
+        sessions = catalog.sessions_with_snapshot_before(conn, horizon)
+        hidden = catalog.sessions_hidden_from_us(conn)
+        conn.commit()
+        if hidden and not announced:
+            log.warn(f"verify {spec.name}: {hidden} session(s) of other roles hide their snapshots from bgsync; "
+                     f"grant pg_read_all_stats to the role running bgsync so verify can wait for old ones")
+        if not sessions:
+            return
+        described = "; ".join(s.describe() for s in sessions)
+        if {s.pid for s in sessions} != announced:
+            announced = {s.pid for s in sessions}
+            message = (f"waiting for {len(sessions)} session(s) whose snapshot predates bgsync's last write to "
+                       f"green ({horizon:%Y-%m-%d %H:%M:%S%z}); a delete or key change they make could not see "
+                       f"the rows bgsync wrote: {described}")
+            log.info(f"verify {spec.name}: {message}")
+            conn.execute(render("journal_event.sql.j2", schema=spec.state_schema),
+                         [spec.name, "verify", "wait for older snapshots", None, None, "waiting", message])
+            conn.commit()
+        if time.monotonic() - started > bound_seconds:
+            raise GateRefused(f"verify {spec.name}: waited {bound_seconds:.0f}s for session(s) whose snapshot "
+                              f"predates the last backfill or repair: {described}; end them "
+                              f"(they may be idle in transaction), then run `bgsync verify` again")
+        time.sleep(0.25)
+
+
+def run(conn: Conn, dsn: str, spec: MigrationSpec, workers: int, *, record: bool = True,
+        snapshot_wait: float = 600.0) -> Report:
     """Compare every partition with `workers` connections; record the result in the journal."""
     started_at = datetime.now(UTC)
     started = time.perf_counter()
     executor = Executor(conn, dry_run=False, migration=spec.name, state_schema=spec.state_schema)
     executor.run(journal_unit(spec.state_schema))
+    wait_for_older_snapshots(conn, spec, snapshot_wait)
     projection = Projection(conn, spec)
     todo: queue.Queue[Range] = queue.Queue()
     ranges = partitions(conn, spec)
@@ -252,6 +307,8 @@ def run(conn: Conn, dsn: str, spec: MigrationSpec, workers: int, *, record: bool
             with db.connect(dsn, f"verify {spec.name} worker {number}") as wconn:
                 wexec = Executor(wconn, dry_run=False, migration=spec.name, state_schema=spec.state_schema)
                 checker = Checker(wconn, wexec, Queries(spec, projection))
+                wexec.execute(wconn, session_pin_statement(spec))
+                wconn.commit()
                 wconn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
                 while not errors:
                     try:
@@ -300,7 +357,7 @@ def repair(conn: Conn, spec: MigrationSpec, report: Report) -> int:
     conn.commit()
     sqls = BatchSql(spec, 1)
     repaired = 0
-    for statement in session_statements():
+    for statement in [*session_statements(), session_pin_statement(spec)]:
         executor.execute(conn, statement)
     for r in report.ranges:
         has_lower, has_upper = r.lo is not None, r.hi is not None
@@ -308,7 +365,8 @@ def repair(conn: Conn, spec: MigrationSpec, report: Report) -> int:
                                               has_upper=has_upper, green_key_types=projection.green_key_types)
         copy = sqls.get("copy", has_lower, has_upper, "on_conflict")
         executor.run(Unit(f"repair {spec.name}: re-copy a mismatched range", [
-            Statement(description, text, _bounds(r)), _with(copy, _bounds(r))], phase="verify"))
+            Statement(description, text, _bounds(r)), _with(copy, _bounds(r)), green_written_statement(spec)],
+            phase="verify"))
         repaired += 1
     conn.execute("RESET ALL")
     conn.commit()

@@ -60,6 +60,8 @@ CREATE TABLE IF NOT EXISTS "bgsync"."verify_runs" (
 );
 -- what the last cutover renamed, so that rollback undoes exactly that
 ALTER TABLE "bgsync"."migrations" ADD COLUMN IF NOT EXISTS cutover jsonb;
+-- when bgsync last wrote green itself (a backfill, a repair): verify waits for older snapshots
+ALTER TABLE "bgsync"."migrations" ADD COLUMN IF NOT EXISTS green_written_at timestamptz;
 -- journal format version
 COMMENT ON SCHEMA "bgsync" IS 'bgsync state (format 1)';
 -- green's own sequence for id (blue's is orders_id_seq)
@@ -81,7 +83,7 @@ ALTER SEQUENCE "public"."orders_v2_id_seq" OWNED BY "public"."orders_v2"."id";
 CREATE OR REPLACE FUNCTION "bgsync"."orders_v2_forward"() RETURNS trigger
 LANGUAGE plpgsql
 SET search_path = "pg_catalog", "public", "pg_temp"
-AS $bgsync_body$
+AS $bgsync$
 BEGIN
     IF TG_OP = 'INSERT' THEN
         INSERT INTO "public"."orders_v2" AS t ("id", "customer_id", "total_amount", "status", "note", "created_at") OVERRIDING SYSTEM VALUE
@@ -90,12 +92,14 @@ BEGIN
         ON CONFLICT ("id") DO UPDATE
            SET "customer_id" = EXCLUDED."customer_id", "total_amount" = EXCLUDED."total_amount", "status" = EXCLUDED."status", "note" = EXCLUDED."note", "created_at" = EXCLUDED."created_at";
     ELSIF TG_OP = 'UPDATE' THEN
-        -- rows whose key changed leave their old key behind in the target
+        -- rows whose key changed leave their old key behind in the target, unless the source holds it again
         DELETE FROM "public"."orders_v2" AS t
          USING bgsync_old_rows AS o
          WHERE (t."id") = (o."id")
            AND NOT EXISTS (SELECT FROM bgsync_new_rows AS n
-                            WHERE (n."id") = (o."id"));
+                            WHERE (n."id") = (o."id"))
+           AND NOT EXISTS (SELECT FROM "public"."orders" AS s
+                            WHERE (s."id") = (o."id"));
         INSERT INTO "public"."orders_v2" AS t ("id", "customer_id", "total_amount", "status", "note", "created_at") OVERRIDING SYSTEM VALUE
         SELECT "id", "customer_id", amount::numeric(12,2), state, "note", "created_at"
           FROM bgsync_new_rows
@@ -104,13 +108,15 @@ BEGIN
     ELSIF TG_OP = 'DELETE' THEN
         DELETE FROM "public"."orders_v2" AS t
          USING bgsync_old_rows AS o
-         WHERE (t."id") = (o."id");
+         WHERE (t."id") = (o."id")
+           AND NOT EXISTS (SELECT FROM "public"."orders" AS s
+                            WHERE (s."id") = (o."id"));
     ELSIF TG_OP = 'TRUNCATE' THEN
         TRUNCATE "public"."orders_v2";
     END IF;
     RETURN NULL;
 END
-$bgsync_body$;
+$bgsync$;
 -- forward sync trigger for INSERT
 CREATE TRIGGER "bgsync_orders_v2_fwd_ins" AFTER INSERT ON "public"."orders"
     REFERENCING NEW TABLE AS bgsync_new_rows
@@ -137,7 +143,7 @@ ALTER TABLE "public"."orders" ENABLE ALWAYS TRIGGER "bgsync_orders_v2_fwd_trunc"
 -- register the migration (refused by a unique index if another one is active on the source)
 INSERT INTO "bgsync"."migrations" (name, source, target, phase, plan_hash, plan, spec)
 VALUES ('orders_v2', '"public"."orders"', '"public"."orders_v2"', 'prepared', '2417f09cd3152dee',
-        '{"checks": [{"expression": "total_amount >= 0", "name": "orders_total_amount_nonneg"}], "columns": [{"default": null, "from": null, "name": "id", "not_null": true, "reverse": null, "reverse_column": null, "type": "bigint"}, {"default": null, "from": null, "name": "customer_id", "not_null": true, "reverse": null, "reverse_column": null, "type": "bigint"}, {"default": null, "from": "amount::numeric(12,2)", "name": "total_amount", "not_null": true, "reverse": "round(total_amount)::integer", "reverse_column": "amount", "type": "numeric(12,2)"}, {"default": "''new''", "from": "state", "name": "status", "not_null": true, "reverse": null, "reverse_column": null, "type": "text"}, {"default": null, "from": null, "name": "note", "not_null": false, "reverse": null, "reverse_column": null, "type": "text"}, {"default": "now()", "from": null, "name": "created_at", "not_null": true, "reverse": null, "reverse_column": null, "type": "timestamptz"}], "cutover": {"mode": "rename", "retired_name": "orders_old"}, "indexes": [{"columns": ["customer_id"], "name": null, "unique": false, "where": null}, {"columns": ["status"], "name": null, "unique": false, "where": "status <> ''void''"}], "key": ["id"], "name": "orders_v2", "source": "public.orders", "target": "public.orders_v2"}'::jsonb,  E'{"blue": {"name": "orders", "schema": "public"}, "blue_key": ["id"], "blue_key_types": ["bigint"], "blue_owner": "postgres", "checks": [{"expression": "total_amount >= 0", "name": "orders_total_amount_nonneg"}], "columns": [{"blue_sequence": "orders_id_seq", "default": "nextval(''\\"public\\".\\"orders_v2_id_seq\\"''::regclass)", "identity": "", "name": "id", "not_null": true, "reverse_column": "id", "reverse_expr": "\\"id\\"", "sequence": "orders_v2_id_seq", "source_expr": "\\"id\\"", "type": "bigint"}, {"blue_sequence": null, "default": null, "identity": "", "name": "customer_id", "not_null": true, "reverse_column": "customer_id", "reverse_expr": "\\"customer_id\\"", "sequence": null, "source_expr": "\\"customer_id\\"", "type": "bigint"}, {"blue_sequence": null, "default": null, "identity": "", "name": "total_amount", "not_null": true, "reverse_column": "amount", "reverse_expr": "round(total_amount)::integer", "sequence": null, "source_expr": "amount::numeric(12,2)", "type": "numeric(12,2)"}, {"blue_sequence": null, "default": "''new''", "identity": "", "name": "status", "not_null": true, "reverse_column": "state", "reverse_expr": "\\"status\\"", "sequence": null, "source_expr": "state", "type": "text"}, {"blue_sequence": null, "default": null, "identity": "", "name": "note", "not_null": false, "reverse_column": "note", "reverse_expr": "\\"note\\"", "sequence": null, "source_expr": "\\"note\\"", "type": "text"}, {"blue_sequence": null, "default": "now()", "identity": "", "name": "created_at", "not_null": true, "reverse_column": "created_at", "reverse_expr": "\\"created_at\\"", "sequence": null, "source_expr": "\\"created_at\\"", "type": "timestamptz"}], "forward_function": {"name": "orders_v2_forward", "schema": "bgsync"}, "grants": [], "green": {"name": "orders_v2", "schema": "public"}, "green_key": ["id"], "indexes": [{"columns": ["customer_id"], "name": "orders_v2_customer_id_idx", "unique": false, "where": null}, {"columns": ["status"], "name": "orders_v2_status_idx", "unique": false, "where": "status <> ''void''"}], "name": "orders_v2", "plan_hash": "2417f09cd3152dee", "primary_key_name": "orders_v2_pkey", "retired": {"name": "orders_old", "schema": "public"}, "search_path": ["pg_catalog", "public", "pg_temp"], "state_schema": "bgsync", "triggers": {"del": "bgsync_orders_v2_fwd_del", "ins": "bgsync_orders_v2_fwd_ins", "trunc": "bgsync_orders_v2_fwd_trunc", "upd": "bgsync_orders_v2_fwd_upd"}}'::jsonb)
+        '{"checks": [{"expression": "total_amount >= 0", "name": "orders_total_amount_nonneg"}], "columns": [{"default": null, "from": null, "name": "id", "not_null": true, "reverse": null, "reverse_column": null, "type": "bigint"}, {"default": null, "from": null, "name": "customer_id", "not_null": true, "reverse": null, "reverse_column": null, "type": "bigint"}, {"default": null, "from": "amount::numeric(12,2)", "name": "total_amount", "not_null": true, "reverse": "round(total_amount)::integer", "reverse_column": "amount", "type": "numeric(12,2)"}, {"default": "''new''", "from": "state", "name": "status", "not_null": true, "reverse": null, "reverse_column": null, "type": "text"}, {"default": null, "from": null, "name": "note", "not_null": false, "reverse": null, "reverse_column": null, "type": "text"}, {"default": "now()", "from": null, "name": "created_at", "not_null": true, "reverse": null, "reverse_column": null, "type": "timestamptz"}], "cutover": {"mode": "rename", "retired_name": "orders_old"}, "indexes": [{"columns": ["customer_id"], "name": null, "unique": false, "where": null}, {"columns": ["status"], "name": null, "unique": false, "where": "status <> ''void''"}], "key": ["id"], "name": "orders_v2", "source": "public.orders", "target": "public.orders_v2"}'::jsonb,  E'{"blue": {"name": "orders", "schema": "public"}, "blue_generated": [], "blue_identity_always": [], "blue_key": ["id"], "blue_key_collations": [null], "blue_key_types": ["bigint"], "blue_owner": "postgres", "checks": [{"expression": "total_amount >= 0", "name": "orders_total_amount_nonneg"}], "columns": [{"blue_sequence": "orders_id_seq", "default": "nextval(''\\"public\\".\\"orders_v2_id_seq\\"''::regclass)", "default_inherited": true, "generated": null, "identity": "", "name": "id", "not_null": true, "reverse_column": "id", "reverse_expr": "\\"id\\"", "reverse_origin": "column", "sequence": "orders_v2_id_seq", "source_expr": "\\"id\\"", "type": "bigint"}, {"blue_sequence": null, "default": null, "default_inherited": false, "generated": null, "identity": "", "name": "customer_id", "not_null": true, "reverse_column": "customer_id", "reverse_expr": "\\"customer_id\\"", "reverse_origin": "column", "sequence": null, "source_expr": "\\"customer_id\\"", "type": "bigint"}, {"blue_sequence": null, "default": null, "default_inherited": false, "generated": null, "identity": "", "name": "total_amount", "not_null": true, "reverse_column": "amount", "reverse_expr": "round(total_amount)::integer", "reverse_origin": "explicit", "sequence": null, "source_expr": "amount::numeric(12,2)", "type": "numeric(12,2)"}, {"blue_sequence": null, "default": "''new''", "default_inherited": false, "generated": null, "identity": "", "name": "status", "not_null": true, "reverse_column": "state", "reverse_expr": "\\"status\\"", "reverse_origin": "column", "sequence": null, "source_expr": "state", "type": "text"}, {"blue_sequence": null, "default": null, "default_inherited": false, "generated": null, "identity": "", "name": "note", "not_null": false, "reverse_column": "note", "reverse_expr": "\\"note\\"", "reverse_origin": "column", "sequence": null, "source_expr": "\\"note\\"", "type": "text"}, {"blue_sequence": null, "default": "now()", "default_inherited": false, "generated": null, "identity": "", "name": "created_at", "not_null": true, "reverse_column": "created_at", "reverse_expr": "\\"created_at\\"", "reverse_origin": "column", "sequence": null, "source_expr": "\\"created_at\\"", "type": "timestamptz"}], "feeds": [{"blue_column": "id", "how": "copied back", "source": "id"}, {"blue_column": "customer_id", "how": "copied back", "source": "customer_id"}, {"blue_column": "amount", "how": "reverse", "source": "round(total_amount)::integer"}, {"blue_column": "state", "how": "copied back", "source": "status"}, {"blue_column": "note", "how": "copied back", "source": "note"}, {"blue_column": "created_at", "how": "copied back", "source": "created_at"}], "forward_function": {"name": "orders_v2_forward", "schema": "bgsync"}, "grants": [], "green": {"name": "orders_v2", "schema": "public"}, "green_key": ["id"], "indexes": [{"columns": ["customer_id"], "name": "orders_v2_customer_id_idx", "unique": false, "where": null}, {"columns": ["status"], "name": "orders_v2_status_idx", "unique": false, "where": "status <> ''void''"}], "name": "orders_v2", "plan_hash": "2417f09cd3152dee", "primary_key_name": "orders_v2_pkey", "retired": {"name": "orders_old", "schema": "public"}, "search_path": ["pg_catalog", "public", "pg_temp"], "settings": {}, "state_schema": "bgsync", "triggers": {"del": "bgsync_orders_v2_fwd_del", "ins": "bgsync_orders_v2_fwd_ins", "trunc": "bgsync_orders_v2_fwd_trunc", "upd": "bgsync_orders_v2_fwd_upd"}}'::jsonb)
 ON CONFLICT (name) DO UPDATE
    SET phase = 'prepared', plan_hash = EXCLUDED.plan_hash, plan = EXCLUDED.plan, spec = EXCLUDED.spec,
        source = EXCLUDED.source, target = EXCLUDED.target, updated_at = now()
@@ -154,6 +160,8 @@ SET lock_timeout = '10s';
 SET enable_hashjoin = off;
 -- probe green by key for each row
 SET enable_mergejoin = off;
+-- pin this session's search_path, as in bgsync's trigger functions
+SELECT set_config('search_path', '"pg_catalog", "public", "pg_temp"', false);
 
 -- backfill orders_v2: plan about 4 partitions (4 workers, 10000 rows per batch)
 BEGIN;
@@ -230,18 +238,21 @@ BEGIN;
 -- record phase backfilled
 UPDATE "bgsync"."migrations" SET phase = 'backfilled', updated_at = now()
  WHERE name = 'orders_v2';
+-- record when bgsync last wrote green itself (verify waits for every snapshot older than this)
+UPDATE "bgsync"."migrations" SET green_written_at = clock_timestamp()
+ WHERE name = 'orders_v2';
 COMMIT;
 
 -- each partition, in one REPEATABLE READ READ ONLY transaction per partition
 BEGIN;
--- count and order-independent checksum of blue rows, projected through the plan's `from` expressions
+-- count and order-independent checksum of blue rows, projected through the plan's `from` expressions as green's types
 -- parameters: $1 = <partition lo (exclusive)>, $2 = <partition hi (inclusive)>
-SELECT count(*), coalesce(sum(hash_record_extended(ROW(CAST(("id") AS bigint), CAST(("customer_id") AS bigint), CAST((amount::numeric(12,2)) AS numeric(12,2)), CAST((state) AS text), CAST(("note") AS text), CAST(("created_at") AS timestamptz)), 0)), 0)
+SELECT count(*), coalesce(sum(hashint8extended(hash_record_extended(ROW(CAST(("id") AS bigint), CAST(("customer_id") AS bigint), hashtextextended((CAST((amount::numeric(12,2)) AS numeric(12,2)))::text COLLATE "C", 0), CAST((state) AS text), CAST(("note") AS text), CAST(("created_at") AS timestamptz)), 0), 7)), 0)
   FROM "public"."orders"
  WHERE ("id") > ($1::bigint) AND ("id") <= ($2::bigint);
 -- count and order-independent checksum of green rows
 -- parameters: $1 = <partition lo (exclusive)>, $2 = <partition hi (inclusive)>
-SELECT count(*), coalesce(sum(hash_record_extended(ROW("id", "customer_id", "total_amount", "status", "note", "created_at"), 0)), 0)
+SELECT count(*), coalesce(sum(hashint8extended(hash_record_extended(ROW("id", "customer_id", hashtextextended(("total_amount")::text COLLATE "C", 0), "status", "note", "created_at"), 0), 7)), 0)
   FROM "public"."orders_v2"
  WHERE ("id") > ($1::bigint) AND ("id") <= ($2::bigint);
 COMMIT;
@@ -258,13 +269,13 @@ OFFSET $3 LIMIT 1;
 -- the rows of a narrowed blue range, key and projected columns as text
 -- parameters: $1 = <partition lo (exclusive)>, $2 = <partition hi (inclusive)>
 SELECT ARRAY["id"::text],
-       ARRAY[(CAST(("id") AS bigint))::text, (CAST(("customer_id") AS bigint))::text, (trim_scale(CAST((amount::numeric(12,2)) AS numeric(12,2))))::text, (CAST((state) AS text))::text, (CAST(("note") AS text))::text, (CAST(("created_at") AS timestamptz))::text]
+       ARRAY[(CAST(("id") AS bigint))::text, (CAST(("customer_id") AS bigint))::text, (CAST((amount::numeric(12,2)) AS numeric(12,2)))::text, (CAST((state) AS text))::text, (CAST(("note") AS text))::text, (CAST(("created_at") AS timestamptz))::text]
   FROM "public"."orders"
  WHERE ("id") > ($1::bigint) AND ("id") <= ($2::bigint);
 -- the rows of a narrowed green range, key and columns as text
 -- parameters: $1 = <partition lo (exclusive)>, $2 = <partition hi (inclusive)>
 SELECT ARRAY["id"::text],
-       ARRAY[("id")::text, ("customer_id")::text, (trim_scale("total_amount"))::text, ("status")::text, ("note")::text, ("created_at")::text]
+       ARRAY[("id")::text, ("customer_id")::text, ("total_amount")::text, ("status")::text, ("note")::text, ("created_at")::text]
   FROM "public"."orders_v2"
  WHERE ("id") > ($1::bigint) AND ("id") <= ($2::bigint);
 COMMIT;
