@@ -27,7 +27,10 @@ def plan_yaml(conn: Conn, table: str) -> str:
         name = "m_" + name
     columns: list[dict[str, Any]] = []
     for col in info.columns:
-        entry: dict[str, Any] = {"name": col.name, "type": col.type}
+        column_type = col.type
+        if col.own_collation and col.collation:
+            column_type += " COLLATE " + col.collation.removeprefix('"pg_catalog".')
+        entry: dict[str, Any] = {"name": col.name, "type": column_type}
         if col.not_null:
             entry["not_null"] = True
         columns.append(entry)
