@@ -14,7 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from orchestrator.errors import PlanError
 from orchestrator.names import check_name_length, parse_qualified_name
 
-DURATION = re.compile(r"^\s*\d+(\.\d+)?\s*(us|ms|s|min|h|d)?\s*$")
+DURATION = re.compile(r"^\s*\d+(\.\d+)?\s*(us|ms|s|min|h|d)\s*$")
+DURATION_UNITS = "us, ms, s, min, h, d"
 # The dollar-quote tag bgsync wraps function bodies in; no plan expression may contain it.
 BODY_TAG = "$bgsync_body$"
 
@@ -107,12 +108,12 @@ class Cutover(_Strict):
 
     _name = field_validator("retired_name")(lambda v: None if v is None else _plain_name(v))
 
-    @field_validator("lock_timeout")
+    @field_validator("lock_timeout", mode="before")
     @classmethod
-    def _duration(cls, value: str) -> str:
-        if not DURATION.match(value):
-            raise ValueError("not a PostgreSQL duration such as 200ms, 2s or 1min")
-        return value.strip()
+    def _duration(cls, value: Any) -> Any:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return parse_duration(str(value))   # YAML `2`: a number without a unit
+        return parse_duration(value) if isinstance(value, str) else value
 
 
 class Plan(_Strict):
@@ -172,6 +173,18 @@ class Plan(_Strict):
     def structural_hash(self) -> str:
         text = json.dumps(self.structural_dump(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def parse_duration(text: str) -> str:
+    """A PostgreSQL duration with its unit (`200ms`, `2s`, `1min`), stripped; a bare number is refused:
+    `2` would mean 2 ms to PostgreSQL's lock_timeout and 2 s to a reader."""
+    if DURATION.match(text):
+        return text.strip()
+    number = text.strip()
+    if re.fullmatch(r"\d+(\.\d+)?", number):
+        raise ValueError(f"{number} has no unit: write it with one of PostgreSQL's units ({DURATION_UNITS}), "
+                         f"e.g. {number}s or {number}ms")
+    raise ValueError(f"not a PostgreSQL duration such as 200ms, 2s or 1min: a number and a unit ({DURATION_UNITS})")
 
 
 def _loc(loc: tuple[int | str, ...]) -> str:
