@@ -52,6 +52,7 @@ class Options:
 
     dsn: str | None = None
     state_schema: str = DEFAULT_STATE_SCHEMA
+    hints: bool = True       # log the command that comes next (the demo runs it itself)
 
 
 def _use(conn: Conn | None, options: Options, purpose: str, lock_timeout: str = db.DEFAULT_LOCK_TIMEOUT
@@ -96,9 +97,9 @@ def _refused(verb: str, conn: Conn, options: Options, plan: Plan, plan_path: Pat
                        f"{states.run_next(phase, plan_path)}")
 
 
-def _next(phase: str | None, plan_path: Path) -> None:
+def _next(options: Options, phase: str | None, plan_path: Path) -> None:
     following = states.next_command(phase, plan_path)
-    if following is not None:
+    if following is not None and options.hints:
         log.info(f"next: {following}")
 
 
@@ -243,7 +244,7 @@ def prepare(options: Options, plan_path: Path, *, dry_run: bool = False, conn: C
             if not dry_run:
                 _check_prepared(conn, row, plan_path)
                 log.success(f"migration {plan.name} is already prepared ({states.words(row.phase)}); nothing to do")
-                _next(row.phase, plan_path)
+                _next(options, row.phase, plan_path)
                 conn.rollback()
                 return None
             _note(f"migration {plan.name} is already prepared ({states.words(row.phase)}): prepare would do "
@@ -262,7 +263,7 @@ def prepare(options: Options, plan_path: Path, *, dry_run: bool = False, conn: C
                 executor.run(unit)
         log.success(f"prepared {plan.name}: green {validation.spec.green} created, forward triggers enabled "
                     f"(ALWAYS) on {validation.spec.blue}")
-        _next("prepared", plan_path)
+        _next(options, "prepared", plan_path)
         return None
 
 
@@ -308,7 +309,7 @@ def backfill(options: Options, plan_path: Path, *, workers: int | None = None, b
         conn.rollback()
         with migration_lock(conn, plan.name, shared=True):
             backfill_phase.run(conn, dsn, row.spec, settings)
-        _next("backfilled", plan_path)
+        _next(options, "backfilled", plan_path)
         return None
 
 
@@ -350,7 +351,7 @@ def verify(options: Options, plan_path: Path, *, workers: int | None = None, as_
             _print_report(report, as_json)
         if mismatch is not None:
             raise mismatch
-        _next("verified", plan_path)
+        _next(options, "verified", plan_path)
         return report
 
 
@@ -408,7 +409,7 @@ def cutover(options: Options, plan_path: Path, *, lock_timeout: str | None = Non
                 _note(f"{done} (cutover would run nothing)")
             else:
                 log.success(done)
-                _next(phase, plan_path)
+                _next(options, phase, plan_path)
             return None
         if not dry_run and phase != "verified":
             if phase == "mismatch":
@@ -446,7 +447,7 @@ def cutover(options: Options, plan_path: Path, *, lock_timeout: str | None = Non
             _run_fk_validation(executor, fk_unit)
         log.success(f"cut over {plan.name}: {spec.blue.display()} is now green ({plan.cutover.mode} mode); "
                     f"reverse sync keeps {spec.retired.display()} current (transaction {held * 1000:.0f} ms)")
-        _next("cut_over", plan_path)
+        _next(options, "cut_over", plan_path)
         return None
 
 
@@ -513,7 +514,7 @@ def rollback(options: Options, plan_path: Path, *, dry_run: bool = False, conn: 
         if phase == "cut_over":
             log.success(f"rolled back the cutover of {plan.name}: {spec.blue.display()} is blue again; green is "
                         f"kept in sync; verify, then cut over again (or roll back again to drop green)")
-            _next("reverted", plan_path)
+            _next(options, "reverted", plan_path)
         else:
             log.success(f"rolled back {plan.name}: triggers and green {spec.green.display()} dropped")
         return None
