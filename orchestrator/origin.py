@@ -25,8 +25,9 @@ def dsn_source(cli_dsn: str | None) -> str:
             return variable
     used = sorted(v for v in ("PGHOST", "PGHOSTADDR", "PGPORT", "PGDATABASE", "PGUSER", "PGSERVICE")
                   if os.environ.get(v))
-    detail = f": {', '.join(used)}" if used else ": no PG* variables set"
-    return f"libpq defaults (no --dsn, BGSYNC_DSN or DATABASE_URL{detail})"
+    if used:
+        return f"libpq defaults and {', '.join(used)}; no --dsn, BGSYNC_DSN or DATABASE_URL is set"
+    return "libpq defaults; no --dsn, BGSYNC_DSN, DATABASE_URL or PG* variable is set"
 
 
 def remember(cli_dsn: str | None) -> str:

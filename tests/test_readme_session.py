@@ -67,7 +67,9 @@ def test_the_readme_session_runs_as_shown(dsn: str, tmp_path: Path) -> None:
     seed(dsn, orders=20_000)
     with psycopg.connect(dsn) as conn:
         server = f"database {conn.info.dbname} on {conn.info.host}:{conn.info.port}"
-    env = {**os.environ, "BGSYNC_DSN": dsn, "COLUMNS": "", "PYTHONUNBUFFERED": "1"}
+    # run this checkout's bgsync from the session's own directory, as `bgsync` would
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "BGSYNC_DSN": dsn, "COLUMNS": "", "PYTHONUNBUFFERED": "1", "PYTHONPATH": path}
     steps = session_steps()
     assert [s.command.split()[1] for s in steps if s.command.startswith("bgsync ")] == [
         "init", "validate", "sql", "cutover", "prepare", "backfill", "verify", "cutover", "status", "rollback",
