@@ -336,7 +336,7 @@ def verify(options: Options, plan_path: Path, *, workers: int | None = None, as_
             report = verify_phase.run(conn, dsn, row.spec, workers or plan.verify.workers)
             if not report.passed and repair:
                 if not as_json:
-                    _print_report(report, as_json)
+                    _print_report(report)
                 count = verify_phase.repair(conn, row.spec, report)
                 log.info(f"repaired {count} range(s); verifying again")
                 first = report
@@ -348,18 +348,15 @@ def verify(options: Options, plan_path: Path, *, workers: int | None = None, as_
         if as_json:
             json_out.write(report.as_json(), mismatch)
         else:
-            _print_report(report, as_json)
+            _print_report(report)
         if mismatch is not None:
             raise mismatch
         _next(options, "verified", plan_path)
         return report
 
 
-def _print_report(report: verify_phase.Report, as_json: bool) -> None:
+def _print_report(report: verify_phase.Report) -> None:
     out = sys.stdout
-    if as_json:
-        out.write(json.dumps(report.as_json(), indent=2, sort_keys=True) + "\n")
-        return
     verdict = "parity" if report.passed else f"MISMATCH: {report.mismatched_rows} row(s) differ"
     out.write(f"verify {report.migration}: {verdict}; {report.partitions} partitions, "
               f"{report.rows_blue:,} rows in blue, {report.rows_green:,} in green ({report.seconds:.2f}s)\n")
@@ -487,8 +484,8 @@ def rollback(options: Options, plan_path: Path, *, dry_run: bool = False, conn: 
                           f"forward triggers and green")
             else:
                 spec = validate_live(conn, plan, options.state_schema).spec
-                _note(f"rollback {plan.name}: not prepared; this is what rollback runs after prepare, before "
-                      f"cutover: it drops the forward triggers and green")
+                _note(f"rollback {plan.name}: migration is {states.words(phase)}; this is what rollback runs after "
+                      f"prepare, before cutover: it drops the forward triggers and green")
             units = [rollback_phase.teardown_unit(spec, timeout, attempts)]
         fk_unit = cutover_phase.validate_fk_unit(spec, fks, "rollback")
         if dry_run:

@@ -412,7 +412,7 @@ RETURNING name;
 COMMIT;
 
 -- phase: rollback
--- rollback orders_v2: not prepared; this is what rollback runs after prepare, before cutover: it drops the forward triggers and green
+-- rollback orders_v2: migration is not prepared; this is what rollback runs after prepare, before cutover: it drops the forward triggers and green
 
 -- rollback orders_v2: drop the forward triggers and green public.orders_v2
 BEGIN;
