@@ -12,7 +12,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -621,22 +621,26 @@ def run(options: Options, plan_path: Path, *, through: str = "cutover", auto_rol
     if through not in RUN_PHASES:
         raise UsageError(f"--through: unknown phase {through!r}; choose from {', '.join(RUN_PHASES)}")
     steps = RUN_PHASES[:RUN_PHASES.index(through) + 1]
+    inner = replace(options, hints=False)        # run itself goes on to the next phase
     for phase in steps:
         log.console.rule(f"[bold]{phase}")
         try:
             if phase == "validate":
-                validate(options, plan_path)
+                validate(inner, plan_path)
             elif phase == "prepare":
-                prepare(options, plan_path)
+                prepare(inner, plan_path)
             elif phase == "backfill":
-                backfill(options, plan_path)
+                backfill(inner, plan_path)
             elif phase == "verify":
-                verify(options, plan_path)
+                verify(inner, plan_path)
             else:
-                cutover(options, plan_path)
+                cutover(inner, plan_path)
         except (ParityMismatch, DatabaseError) as error:
             if not auto_rollback or phase not in ("verify", "cutover"):
                 raise
             log.warn(f"{phase} failed ({error}); rolling back")
-            rollback(options, plan_path)
+            rollback(inner, plan_path)
             raise GateRefused(f"run stopped at {phase} and rolled back: {error}") from None
+    reached = {"validate": None, "prepare": "prepared", "backfill": "backfilled", "verify": "verified",
+               "cutover": "cut_over"}[through]
+    _next(options, reached, plan_path)
