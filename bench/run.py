@@ -79,7 +79,7 @@ def ratio_figure(name: str, ours: list[float], reference: str, theirs: list[floa
 def backfill_round(admin: str, rows: int, workers: int) -> tuple[float, float, float, float]:
     dsn = create_database(admin, "bench_backfill")
     load_orders(dsn, rows)
-    options = Options(dsn=dsn)
+    options = Options(dsn=dsn, hints=False)
     quiet(lambda: commands.prepare(options, PLAN))
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("CREATE TABLE orders_ref (LIKE orders_v2 INCLUDING DEFAULTS INCLUDING CONSTRAINTS)")
@@ -114,7 +114,7 @@ def backfill_figures(admin: str, rows: int, workers: int, repeat: int) -> list[F
 def prepared_database(admin: str, rows: int, workers: int) -> str:
     dsn = create_database(admin, "bench_live")
     load_orders(dsn, rows)
-    options = Options(dsn=dsn)
+    options = Options(dsn=dsn, hints=False)
     quiet(lambda: commands.prepare(options, PLAN))
     quiet(lambda: commands.backfill(options, PLAN, workers=workers))
     with psycopg.connect(dsn, autocommit=True) as conn:
@@ -127,7 +127,7 @@ def prepared_database(admin: str, rows: int, workers: int) -> str:
 
 
 def verify_figure(dsn: str, rows: int, workers: int, repeat: int) -> Figure:
-    options = Options(dsn=dsn)
+    options = Options(dsn=dsn, hints=False)
     planted = [17, rows // 4 + 1, rows * 7 // 10 + 3]
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("DELETE FROM orders_v2 WHERE id = %s", [planted[0]])
@@ -198,7 +198,7 @@ def oltp_figure(dsn: str, rows: int, seconds: int, repeat: int) -> Figure:
 
 
 def cutover_figure(dsn: str, rows: int, repeat: int) -> Figure:
-    options = Options(dsn=dsn)
+    options = Options(dsn=dsn, hints=False)
     stalls = []
     workload = Workload(dsn, ORDERS, writers=4, key_space=rows, pause=0.002).start()
     try:

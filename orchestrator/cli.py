@@ -1,185 +1,350 @@
-"""The command line: parses options (defined once) and calls one function in `commands` per verb."""
+"""The command line: parses options (defined once) and calls one function in `commands` per verb.
+
+Conventions: `bgsync --version`/`-V`, `-h`/`--help` everywhere, shell completion (Typer's
+`--install-completion`/`--show-completion`), and the global options `--dsn` and `--state-schema`
+accepted before the command (`bgsync --dsn URL status`) or after it, the command's own value winning.
+"""
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, TypeVar
 
 import psycopg
 import typer
+from typer.core import TyperArgument, TyperCommand, TyperGroup
 
 from orchestrator import commands, db
-from orchestrator.errors import BgsyncError
+from orchestrator.errors import BgsyncError, Cancelled
 from orchestrator.log import console
+from orchestrator.plan import Backfill, Cutover, Verify, parse_duration
+from orchestrator.spec import DEFAULT_STATE_SCHEMA
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="bgsync: change large, live PostgreSQL tables blue-green, without downtime.")
-
-Dsn = Annotated[str | None, typer.Option("--dsn", help="Connection string; else BGSYNC_DSN, DATABASE_URL, PG*.",
-                                         show_default=False)]
-StateSchema = Annotated[str, typer.Option("--state-schema", help="Schema of bgsync's journal.")]
-PlanFile = Annotated[Path, typer.Argument(help="The plan file (YAML).", show_default=False)]
-DryRun = Annotated[bool, typer.Option("--dry-run", help="Print the SQL instead of running it.")]
+HELP = "bgsync: change large, live PostgreSQL tables blue-green, without downtime."
+CONTEXT = {"help_option_names": ["-h", "--help"]}
 
 
-def _options(dsn: str | None, state_schema: str) -> commands.Options:
-    return commands.Options(dsn=dsn, state_schema=state_schema)
+# -- help without type placeholders -------------------------------------------------------------------
+def _no_type(ctx: Any) -> None:
+    return None
 
 
-@app.command()
+def _plain(params: list[Any]) -> list[Any]:
+    """Help shows `--workers N`, `--dry-run` and `PLAN`, not `<int range>`, `<bool>` and `{plan}`:
+    flags take no value, options show their metavar, arguments their name."""
+    for param in params:
+        if isinstance(param, TyperArgument):
+            param.metavar = param.metavar or (param.name or "").upper()
+            setattr(param, "display_type_rich", _no_type)  # noqa: B010 (an instance override of the type column)
+        elif getattr(param, "is_flag", False) or getattr(param, "count", False):
+            param.metavar = ""
+        elif param.metavar is None:
+            param.metavar = (param.name or "value").upper()
+    return params
+
+
+class Command(TyperCommand):
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _plain(super().get_params(ctx))
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if isinstance(param, TyperArgument):
+                name = str(param.metavar)
+                pieces.append(name if param.required else f"[{name}]")
+        return pieces
+
+
+class Group(TyperGroup):
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _plain(super().get_params(ctx))
+
+
+app = typer.Typer(cls=Group, no_args_is_help=True, pretty_exceptions_enable=False, context_settings=CONTEXT,
+                  help=HELP)
+plan_app = typer.Typer(cls=Group, no_args_is_help=True, context_settings=CONTEXT,
+                       help="The plans recorded in the journal.")
+app.add_typer(plan_app, name="plan")
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def command() -> Callable[[F], F]:
+    """`@app.command()` with help that shows no type placeholders."""
+    decorator: Callable[[F], F] = app.command(cls=Command)
+    return decorator
+
+
+# -- options, defined once ---------------------------------------------------------------------------
+def _duration(value: str) -> str:
+    try:
+        return parse_duration(value)
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from None
+
+
+def _phase_choices(incomplete: str) -> list[str]:
+    return [p for p in commands.SQL_PHASES if p.startswith(incomplete)]
+
+
+def _through_choices(incomplete: str) -> list[str]:
+    return [p for p in commands.RUN_PHASES if p.startswith(incomplete)]
+
+
+def _version(value: bool) -> None:
+    if value:
+        try:
+            version = metadata.version("bgsync")
+        except metadata.PackageNotFoundError:
+            version = "unknown"
+        sys.stdout.write(f"bgsync {version}\n")
+        raise typer.Exit()
+
+
+def _default(model: Any, field: str) -> Any:
+    return model.model_fields[field].default
+
+
+Dsn = Annotated[str | None, typer.Option(
+    "--dsn", metavar="DSN", show_default=False,
+    help="Connection string (its password never printed); else BGSYNC_DSN, else DATABASE_URL, else libpq's "
+         "defaults and PG* variables. Also accepted before the command.")]
+StateSchema = Annotated[str | None, typer.Option(
+    "--state-schema", metavar="SCHEMA", show_default=False,
+    help=f"Schema of bgsync's journal (default: {DEFAULT_STATE_SCHEMA}). Also accepted before the command.")]
+PlanFile = Annotated[Path, typer.Argument(metavar="PLAN", help="The plan file (YAML).", show_default=False)]
+DryRun = Annotated[bool, typer.Option("--dry-run", help="Print the SQL instead of running it; changes nothing.")]
+Workers = Annotated[int | None, typer.Option(
+    "--workers", metavar="N", min=1, max=64, show_default=False,
+    help=f"Parallel workers; default: the plan's backfill.workers ({_default(Backfill, 'workers')} when unset).")]
+BatchRows = Annotated[int | None, typer.Option(
+    "--batch-rows", metavar="N", min=1, show_default=False,
+    help=f"Rows per batch; default: the plan's backfill.batch_rows ({_default(Backfill, 'batch_rows')} when "
+         f"unset).")]
+MaxRowsPerSecond = Annotated[float | None, typer.Option(
+    "--max-rows-per-second", metavar="R", min=0, show_default=False,
+    help="Throttle for all workers together, 0 = unthrottled; default: the plan's backfill.max_rows_per_second "
+         f"({_default(Backfill, 'max_rows_per_second'):g} when unset).")]
+VerifyWorkers = Annotated[int | None, typer.Option(
+    "--workers", metavar="N", min=1, max=64, show_default=False,
+    help=f"Parallel workers; default: the plan's verify.workers ({_default(Verify, 'workers')} when unset).")]
+AsJson = Annotated[bool, typer.Option("--json", help="Machine output on stdout: always one JSON object, with an "
+                                                     "`error` member when the command fails.")]
+LockTimeout = Annotated[str | None, typer.Option(
+    "--lock-timeout", metavar="DURATION", parser=_duration, show_default=False,
+    help="How long each attempt waits for a lock: a PostgreSQL duration with its unit (us, ms, s, min, h, d; "
+         f"e.g. 200ms, 2s); default: the plan's cutover.lock_timeout ({_default(Cutover, 'lock_timeout')} "
+         f"when unset).")]
+Attempts = Annotated[int | None, typer.Option(
+    "--attempts", metavar="N", min=1, show_default=False,
+    help=f"Lock attempts, with jittered backoff; default: the plan's cutover.attempts "
+         f"({_default(Cutover, 'attempts')} when unset).")]
+Phase = Annotated[str, typer.Option(
+    "--phase", metavar="PHASE", autocompletion=_phase_choices,
+    help=f"One of {', '.join(commands.PHASES_WITH_SQL)}, or all (every phase, in order). Phases not reached "
+         f"yet print the SQL they would run, labeled.")]
+Through = Annotated[str, typer.Option(
+    "--through", metavar="PHASE", autocompletion=_through_choices,
+    help=f"Last phase to run: one of {', '.join(commands.RUN_PHASES)}.")]
+Version = Annotated[bool, typer.Option("--version", "-V", callback=_version, is_eager=True,
+                                       help="Print bgsync's version and exit.")]
+
+
+@dataclass
+class Globals:
+    """`--dsn` and `--state-schema` given before the command."""
+
+    dsn: str | None = None
+    state_schema: str | None = None
+
+
+@app.callback()
+def _global(ctx: typer.Context, version: Version = False, dsn: Dsn = None, state_schema: StateSchema = None) -> None:
+    ctx.obj = Globals(dsn=dsn, state_schema=state_schema)
+
+
+def _options(ctx: typer.Context, dsn: str | None, state_schema: str | None) -> commands.Options:
+    """The command's own --dsn/--state-schema win over the ones given before the command."""
+    top = ctx.find_object(Globals) or Globals()
+    return commands.Options(dsn=dsn or top.dsn, state_schema=state_schema or top.state_schema or DEFAULT_STATE_SCHEMA)
+
+
+# -- verbs ---------------------------------------------------------------------------------------------
+@command()
 def schema() -> None:
     """Print the JSON Schema of the plan file."""
     commands.schema()
 
 
-@app.command()
-def init(table: Annotated[str, typer.Argument(help="The live table, e.g. public.orders.")],
-         output: Annotated[Path | None, typer.Option("-o", "--output", help="Write here, not stdout.")] = None,
-         dsn: Dsn = None, state_schema: StateSchema = "bgsync") -> None:
+@command()
+def init(ctx: typer.Context,
+         table: Annotated[str, typer.Argument(metavar="TABLE", help="The live table, e.g. public.orders.",
+                                              show_default=False)],
+         output: Annotated[Path | None, typer.Option("-o", "--output", metavar="FILE", show_default=False,
+                                                     help="Write the plan here (never overwritten); default: "
+                                                          "stdout.")] = None,
+         dsn: Dsn = None, state_schema: StateSchema = None) -> None:
     """Scaffold a plan from the live table."""
-    commands.init(_options(dsn, state_schema), table, output)
+    commands.init(_options(ctx, dsn, state_schema), table, output)
 
 
-@app.command()
-def validate(plan: PlanFile, dsn: Dsn = None, state_schema: StateSchema = "bgsync") -> None:
-    """Check the plan's syntax, then against the live catalog (exit 2 when invalid)."""
-    commands.validate(_options(dsn, state_schema), plan)
+@command()
+def validate(ctx: typer.Context, plan: PlanFile, dsn: Dsn = None, state_schema: StateSchema = None) -> None:
+    """Check the plan's syntax, then against the live catalog (exit 2 when invalid, 1 when edited since prepare)."""
+    commands.validate(_options(ctx, dsn, state_schema), plan)
 
 
-@app.command()
-def sql(plan: PlanFile,
-        phase: Annotated[str, typer.Option("--phase", help="prepare, backfill or all.")] = "all",
-        dsn: Dsn = None, state_schema: StateSchema = "bgsync") -> None:
-    """Print the SQL of a phase (dry run; changes nothing)."""
-    if phase not in (*commands.PHASES_WITH_SQL, "all"):
-        raise typer.BadParameter(f"unknown phase {phase!r}; choose from "
-                                 f"{', '.join((*commands.PHASES_WITH_SQL, 'all'))}", param_hint="--phase")
-    commands.sql(_options(dsn, state_schema), plan, phase)
+@command()
+def sql(ctx: typer.Context, plan: PlanFile, phase: Phase = "all", dsn: Dsn = None,
+        state_schema: StateSchema = None) -> None:
+    """Print the SQL of a phase, or of every phase (dry run; reads the catalog, changes nothing)."""
+    commands.sql(_options(ctx, dsn, state_schema), plan, phase)
 
 
-@app.command()
-def prepare(plan: PlanFile, dry_run: DryRun = False, dsn: Dsn = None,
-            state_schema: StateSchema = "bgsync") -> None:
+@command()
+def prepare(ctx: typer.Context, plan: PlanFile, dry_run: DryRun = False, dsn: Dsn = None,
+            state_schema: StateSchema = None) -> None:
     """Create green, copy grants, install forward dual-write triggers."""
-    commands.prepare(_options(dsn, state_schema), plan, dry_run=dry_run)
+    commands.prepare(_options(ctx, dsn, state_schema), plan, dry_run=dry_run)
 
 
-@app.command()
-def backfill(plan: PlanFile,
-             workers: Annotated[int | None, typer.Option("--workers", min=1, max=64)] = None,
-             batch_rows: Annotated[int | None, typer.Option("--batch-rows", min=1)] = None,
-             max_rows_per_second: Annotated[float | None, typer.Option("--max-rows-per-second", min=0)] = None,
-             dry_run: DryRun = False, dsn: Dsn = None, state_schema: StateSchema = "bgsync") -> None:
+@command()
+def backfill(ctx: typer.Context, plan: PlanFile, workers: Workers = None, batch_rows: BatchRows = None,
+             max_rows_per_second: MaxRowsPerSecond = None, dry_run: DryRun = False, dsn: Dsn = None,
+             state_schema: StateSchema = None) -> None:
     """Copy history into green with parallel, resumable, throttled workers."""
-    commands.backfill(_options(dsn, state_schema), plan, workers=workers, batch_rows=batch_rows,
+    commands.backfill(_options(ctx, dsn, state_schema), plan, workers=workers, batch_rows=batch_rows,
                       max_rows_per_second=max_rows_per_second, dry_run=dry_run)
 
 
-@app.command()
-def demo(rows: Annotated[int, typer.Option("--rows", min=1000, help="Rows in the sample table.")] = 200_000,
+@command()
+def verify(ctx: typer.Context, plan: PlanFile, workers: VerifyWorkers = None, as_json: AsJson = False,
+           repair: Annotated[bool, typer.Option("--repair", help="Re-copy mismatched ranges, then verify again.")]
+           = False,
+           dry_run: DryRun = False, dsn: Dsn = None, state_schema: StateSchema = None) -> None:
+    """Prove parity: count + checksum per partition in one snapshot; exit 1 with the keys on mismatch."""
+    commands.verify(_options(ctx, dsn, state_schema), plan, workers=workers, as_json=as_json, repair=repair,
+                    dry_run=dry_run)
+
+
+@command()
+def cutover(ctx: typer.Context, plan: PlanFile, dry_run: DryRun = False, lock_timeout: LockTimeout = None,
+            attempts: Attempts = None, dsn: Dsn = None, state_schema: StateSchema = None) -> None:
+    """Flip the live name to green (refused unless the last verify passed after the last backfill)."""
+    commands.cutover(_options(ctx, dsn, state_schema), plan, lock_timeout=lock_timeout, attempts=attempts,
+                     dry_run=dry_run)
+
+
+@command()
+def rollback(ctx: typer.Context, plan: PlanFile, dry_run: DryRun = False, dsn: Dsn = None,
+             state_schema: StateSchema = None) -> None:
+    """Before cutover: drop triggers and green. After cutover: swap back, losing no write."""
+    commands.rollback(_options(ctx, dsn, state_schema), plan, dry_run=dry_run)
+
+
+@command()
+def finalize(ctx: typer.Context, plan: PlanFile,
+             yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
+             dry_run: DryRun = False, dsn: Dsn = None, state_schema: StateSchema = None) -> None:
+    """After cutover: drop the reverse sync and the retired blue table (asks first)."""
+    commands.finalize(_options(ctx, dsn, state_schema), plan, yes=yes, dry_run=dry_run, confirm=_confirm)
+
+
+@command()
+def status(ctx: typer.Context,
+           plan: Annotated[Path | None, typer.Argument(metavar="PLAN", help="Only this plan's migration.",
+                                                       show_default=False)] = None,
+           as_json: AsJson = False, dsn: Dsn = None, state_schema: StateSchema = None) -> None:
+    """Every migration: phase, backfill progress, last verify, drift against the catalog."""
+    commands.status(_options(ctx, dsn, state_schema), plan, as_json=as_json)
+
+
+@command()
+def run(ctx: typer.Context, plan: PlanFile, through: Through = "cutover",
+        auto_rollback: Annotated[bool, typer.Option("--auto-rollback", help="Roll back on a parity mismatch or "
+                                                                            "a failed cutover.")] = False,
+        dsn: Dsn = None, state_schema: StateSchema = None) -> None:
+    """Run the phases in order, stopping at the first failure."""
+    commands.run(_options(ctx, dsn, state_schema), plan, through=through, auto_rollback=auto_rollback)
+
+
+@command()
+def demo(rows: Annotated[int, typer.Option("--rows", metavar="N", min=1000, help="Rows in the sample table.")]
+         = 200_000,
          keep: Annotated[bool, typer.Option("--keep", help="Leave the server running and print its DSN.")] = False
          ) -> None:
     """The whole story on an embedded PostgreSQL with live writes."""
     raise typer.Exit(commands.demo(rows, keep))
 
 
-@app.command()
-def verify(plan: PlanFile,
-           workers: Annotated[int | None, typer.Option("--workers", min=1, max=64)] = None,
-           as_json: Annotated[bool, typer.Option("--json", help="The report as JSON on stdout.")] = False,
-           repair: Annotated[bool, typer.Option("--repair", help="Re-copy mismatched ranges, then verify again.")]
-           = False,
-           dry_run: DryRun = False, dsn: Dsn = None, state_schema: StateSchema = "bgsync") -> None:
-    """Prove parity: count + checksum per partition in one snapshot; exit 1 with the keys on mismatch."""
-    commands.verify(_options(dsn, state_schema), plan, workers=workers, as_json=as_json, repair=repair,
-                    dry_run=dry_run)
+@plan_app.command("show", cls=Command)
+def plan_show(ctx: typer.Context,
+              name: Annotated[str, typer.Argument(metavar="NAME", help="The migration's name (the plan's `name`).",
+                                                  show_default=False)],
+              dsn: Dsn = None, state_schema: StateSchema = None) -> None:
+    """Print the plan recorded at prepare, as YAML (to restore a plan file edited since)."""
+    commands.plan_show(_options(ctx, dsn, state_schema), name)
 
 
-Timeout = Annotated[str | None, typer.Option("--lock-timeout", help="Per attempt, e.g. 2s; default: the plan's.")]
-Attempts = Annotated[int | None, typer.Option("--attempts", min=1, help="Lock attempts; default: the plan's.")]
-
-
-@app.command()
-def cutover(plan: PlanFile, dry_run: DryRun = False, lock_timeout: Timeout = None, attempts: Attempts = None,
-            dsn: Dsn = None, state_schema: StateSchema = "bgsync") -> None:
-    """Flip the live name to green (refused unless the last verify passed after the last backfill)."""
-    if lock_timeout is not None:
-        from orchestrator.plan import DURATION
-        if not DURATION.match(lock_timeout):
-            raise typer.BadParameter("not a PostgreSQL duration such as 200ms or 2s", param_hint="--lock-timeout")
-    commands.cutover(_options(dsn, state_schema), plan, lock_timeout=lock_timeout, attempts=attempts,
-                     dry_run=dry_run)
-
-
-@app.command()
-def rollback(plan: PlanFile, dry_run: DryRun = False, dsn: Dsn = None, state_schema: StateSchema = "bgsync") -> None:
-    """Before cutover: drop triggers and green. After cutover: swap back, losing no write."""
-    commands.rollback(_options(dsn, state_schema), plan, dry_run=dry_run)
-
-
-@app.command()
-def finalize(plan: PlanFile, yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
-             dry_run: DryRun = False, dsn: Dsn = None, state_schema: StateSchema = "bgsync") -> None:
-    """After cutover: drop the reverse sync and the retired blue table (asks first)."""
-    commands.finalize(_options(dsn, state_schema), plan, yes=yes, dry_run=dry_run, confirm=_confirm)
-
-
-@app.command()
-def status(plan: Annotated[Path | None, typer.Argument(help="Only this plan's migration.", show_default=False)]
-           = None,
-           as_json: Annotated[bool, typer.Option("--json", help="Machine-readable, schema-stable.")] = False,
-           dsn: Dsn = None, state_schema: StateSchema = "bgsync") -> None:
-    """Every migration: phase, backfill progress, last verify, drift against the catalog."""
-    commands.status(_options(dsn, state_schema), plan, as_json=as_json)
-
-
-@app.command()
-def run(plan: PlanFile,
-        through: Annotated[str, typer.Option("--through", help="Last phase: validate, prepare, backfill, "
-                                                               "verify or cutover.")] = "cutover",
-        auto_rollback: Annotated[bool, typer.Option("--auto-rollback", help="Roll back on a parity mismatch or "
-                                                                            "a failed cutover.")] = False,
-        dsn: Dsn = None, state_schema: StateSchema = "bgsync") -> None:
-    """Run the phases in order, stopping at the first failure."""
-    if through not in commands.RUN_PHASES:
-        raise typer.BadParameter(f"choose from {', '.join(commands.RUN_PHASES)}", param_hint="--through")
-    commands.run(_options(dsn, state_schema), plan, through=through, auto_rollback=auto_rollback)
-
-
-def _confirm(question: str) -> bool:
+def _confirm(question: str) -> bool | None:
+    """The operator's answer; None when stdin is not a terminal (nobody to ask)."""
     if not sys.stdin.isatty():
-        return False
+        return None
     return bool(typer.confirm(question, default=False, err=True))
+
+
+# -- the edge: errors become `FAILED: ...` and their exit code -----------------------------------------
+def _fail(message: str) -> None:
+    console.print(f"FAILED: {db.redact(message)}", style="red", markup=False, highlight=False)
+
+
+def _json_usage_error(message: str) -> None:
+    """`--json` promises one JSON object on stdout, even when the command line itself is wrong."""
+    if "--json" in sys.argv[1:]:
+        import json
+
+        error = {"message": db.redact(message), "exit_code": 2}
+        sys.stdout.write(json.dumps({"version": 1, "error": error}, indent=2, sort_keys=True) + "\n")
 
 
 def main() -> None:
     """Entry point: BgsyncError becomes `FAILED: ...` and its exit code; passwords never print."""
     try:
-        app(standalone_mode=False)
+        app(prog_name="bgsync", standalone_mode=False)
+    except Cancelled as cancelled:
+        console.print(db.redact(str(cancelled)), style="yellow", markup=False, highlight=False)
+        sys.exit(cancelled.exit_code)
     except BgsyncError as error:
-        console.print(f"FAILED: {db.redact(str(error))}", style="red", markup=False, highlight=False)
+        _fail(str(error))
         sys.exit(error.exit_code)
     except KeyboardInterrupt:
-        console.print("FAILED: interrupted", style="red")
+        _fail("interrupted")
         sys.exit(130)
     except psycopg.Error as error:
         message = error.diag.message_primary or str(error)
         if isinstance(error, psycopg.errors.LockNotAvailable):
             message += ("; another session holds a lock bgsync needs to read the catalog; nothing was changed, "
                         "try again when it is free")
-        console.print(f"FAILED: database error: {db.redact(message.strip())}", style="red", markup=False,
-                      highlight=False)
+        _fail(f"database error: {message.strip()}")
         sys.exit(3)
     except typer.Exit as done:
         sys.exit(done.exit_code)
     except typer.Abort:
         sys.exit(1)
     except Exception as error:  # click usage errors
+        if type(error).__name__ == "NoArgsIsHelpError":
+            sys.exit(2)              # `bgsync` alone: the help was printed, nothing failed
         usage = _click_usage_error(error)
         if usage is None:
             raise
-        console.print(f"FAILED: {db.redact(usage)}", style="red", markup=False, highlight=False)
+        _json_usage_error(usage)
+        _fail(usage)
         sys.exit(2)
 
 

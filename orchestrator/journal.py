@@ -31,6 +31,7 @@ class MigrationRow:
     plan: dict[str, Any]
     spec: MigrationSpec
     cutover: dict[str, Any] | None = None
+    plan_source: str | None = None     # the plan file's text at prepare (None in older journals)
 
     @property
     def active(self) -> bool:
@@ -69,12 +70,12 @@ def get_migration(conn: Conn, schema: str, name: str) -> MigrationRow | None:
     if not journal_exists(conn, schema):
         return None
     row = conn.execute(
-        f"SELECT name, phase, plan_hash, plan, spec, to_jsonb(m) -> 'cutover'"
+        f"SELECT name, phase, plan_hash, plan, spec, to_jsonb(m) -> 'cutover', to_jsonb(m) ->> 'plan_source'"
         f" FROM {quote_ident(schema)}.migrations AS m WHERE name = %s", [name]).fetchone()
     if row is None:
         return None
     return MigrationRow(name=row[0], phase=row[1], plan_hash=row[2], plan=row[3], spec=spec_from_json(row[4]),
-                        cutover=row[5])
+                        cutover=row[5], plan_source=row[6])
 
 
 def require_same_plan(row: MigrationRow, plan: Plan) -> None:
@@ -85,7 +86,7 @@ def require_same_plan(row: MigrationRow, plan: Plan) -> None:
     raise GateRefused(
         f"plan {plan.name} was edited after prepare (hash {row.plan_hash} -> {plan.structural_hash()}):\n  "
         + "\n  ".join(changes or ["(structure differs)"])
-        + "\nrestore the prepared plan, or roll back and prepare again")
+        + f"\nrestore the prepared plan (`bgsync plan show {plan.name}` prints it), or roll back and prepare again")
 
 
 def spec_to_json(spec: MigrationSpec) -> str:

@@ -6,7 +6,9 @@ from rich.console import Console
 
 from orchestrator.db import redact
 
-console = Console(stderr=True, highlight=False)
+# soft_wrap: a log line is never broken by rich, whatever the width (a pipe or a file has none);
+# a terminal wraps long lines itself.
+console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def info(message: str) -> None:

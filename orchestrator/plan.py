@@ -14,7 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from orchestrator.errors import PlanError
 from orchestrator.names import check_name_length, parse_qualified_name
 
-DURATION = re.compile(r"^\s*\d+(\.\d+)?\s*(us|ms|s|min|h|d)?\s*$")
+DURATION = re.compile(r"^\s*\d+(\.\d+)?\s*(us|ms|s|min|h|d)\s*$")
+DURATION_UNITS = "us, ms, s, min, h, d"
 
 
 class _Strict(BaseModel):
@@ -36,21 +37,21 @@ def _expression(value: str) -> str:
     return value
 
 
-def _duration(value: str) -> str:
-    if not DURATION.match(value):
-        raise ValueError("not a PostgreSQL duration such as 200ms, 2s or 1min")
-    return value.strip()
+def _duration(value: Any) -> Any:
+    """Validator of every duration field: a number and a PostgreSQL unit."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return parse_duration(str(value))   # YAML `2`: a number without a unit
+    return parse_duration(value) if isinstance(value, str) else value
 
 
 _UNIT_SECONDS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "min": 60.0, "h": 3600.0, "d": 86400.0}
 
 
 def duration_seconds(value: str) -> float:
-    """A PostgreSQL duration in seconds (a bare number means milliseconds, as in PostgreSQL)."""
-    match = re.match(r"^\s*(\d+(?:\.\d+)?)\s*(us|ms|s|min|h|d)?\s*$", value)
-    if not match:
-        raise ValueError(f"not a PostgreSQL duration: {value!r}")
-    return float(match.group(1)) * _UNIT_SECONDS[match.group(2) or "ms"]
+    """A duration (as `parse_duration` accepts it) in seconds."""
+    match = re.match(r"^\s*(\d+(?:\.\d+)?)\s*(us|ms|s|min|h|d)\s*$", parse_duration(value))
+    assert match is not None
+    return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
 
 
 PlainName = Annotated[str, Field(description="A plain name, taken literally (no quotes, no folding).")]
@@ -114,10 +115,7 @@ class Verify(_Strict):
         default="10min", description="How long verify waits for transactions whose snapshot predates the last "
                                      "backfill or repair before it refuses (PostgreSQL duration).")
 
-    @field_validator("snapshot_wait")
-    @classmethod
-    def _duration(cls, value: str) -> str:
-        return _duration(value)
+    _wait = field_validator("snapshot_wait", mode="before")(_duration)
 
 
 class Cutover(_Strict):
@@ -128,10 +126,7 @@ class Cutover(_Strict):
 
     _name = field_validator("retired_name")(lambda v: None if v is None else _plain_name(v))
 
-    @field_validator("lock_timeout")
-    @classmethod
-    def _duration(cls, value: str) -> str:
-        return _duration(value)
+    _timeout = field_validator("lock_timeout", mode="before")(_duration)
 
 
 class Plan(_Strict):
@@ -191,6 +186,18 @@ class Plan(_Strict):
     def structural_hash(self) -> str:
         text = json.dumps(self.structural_dump(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def parse_duration(text: str) -> str:
+    """A PostgreSQL duration with its unit (`200ms`, `2s`, `1min`), stripped; a bare number is refused:
+    `2` would mean 2 ms to PostgreSQL's lock_timeout and 2 s to a reader."""
+    if DURATION.match(text):
+        return text.strip()
+    number = text.strip()
+    if re.fullmatch(r"\d+(\.\d+)?", number):
+        raise ValueError(f"{number} has no unit: write it with one of PostgreSQL's units ({DURATION_UNITS}), "
+                         f"e.g. {number}s or {number}ms")
+    raise ValueError(f"not a PostgreSQL duration such as 200ms, 2s or 1min: a number and a unit ({DURATION_UNITS})")
 
 
 def _loc(loc: tuple[int | str, ...]) -> str:

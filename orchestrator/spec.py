@@ -299,6 +299,7 @@ def build_spec(plan: Plan, blue: TableInfo, state_schema: str = DEFAULT_STATE_SC
             feeds.append(Feed(bcol.name, "NULL", "not in green"))
 
     # The key: green names in the plan, copied unchanged from a unique NOT NULL key of blue.
+    column_index = {c.name: i for i, c in enumerate(plan.columns)}
     green_key: list[str] = list(plan.key) if plan.key else []
     if not green_key:
         pk = blue.primary_key
@@ -307,16 +308,19 @@ def build_spec(plan: Plan, blue: TableInfo, state_schema: str = DEFAULT_STATE_SC
                             f"copied from blue columns with a unique index")
         else:
             inverse = {b: g for g, b in bare_of.items()}
-            missing = [c for c in pk if c not in inverse]
-            if missing:
-                problems.append(f"key: blue primary key column(s) {missing} are not copied unchanged into "
-                                f"green; set `key`")
+            for c in pk:
+                if c in inverse:
+                    continue
+                if c in column_index:
+                    problems.append(f"columns[{column_index[c]}].from: {_unchanged_key(c)}")
+                else:
+                    problems.append(f"key: blue primary key column {c} is not in green; add it (copied unchanged, "
+                                    f"no `from`), or set `key` to green columns copied from a unique blue key")
             green_key = [inverse[c] for c in pk if c in inverse]
     blue_key: list[str] = []
     for i, gk in enumerate(green_key):
         if gk not in bare_of:
-            problems.append(f"key[{i}]: green key column {gk!r} must come from a plain blue column "
-                            f"(its `from` is an expression)")
+            problems.append(f"key[{i}]: {_unchanged_key(gk)} (columns[{column_index[gk]}].from)")
         else:
             blue_key.append(bare_of[gk])
     if blue_key and len(blue_key) == len(green_key):
@@ -360,6 +364,11 @@ def build_spec(plan: Plan, blue: TableInfo, state_schema: str = DEFAULT_STATE_SC
 
 def _with_reverse(col: GreenColumn, target: str, expr: str, origin: str) -> GreenColumn:
     return GreenColumn(**{**col.__dict__, "reverse_column": target, "reverse_expr": expr, "reverse_origin": origin})
+
+
+def _unchanged_key(column: str) -> str:
+    return (f"key column {column} must be copied unchanged from blue (it identifies each row in both tables): "
+            f"remove `from`, or change `key`")
 
 
 def _regclass_literal(schema: str, name: str) -> str:

@@ -24,6 +24,7 @@ def test_demo_runs_to_its_summary() -> None:
     assert lines["reverse sync after cutover (EXCEPT ALL)"] == "OK"
     assert lines["writer errors"] == "0"
     assert "verify caught it" in proc.stderr
+    assert "RuntimeDirWarning" not in proc.stderr and "XDG_RUNTIME_DIR" not in proc.stderr
     for phase in ("validate", "prepare", "backfill", "verify", "verify --repair", "cutover", "rollback",
                   "cutover again", "finalize"):
         assert f"time: {phase}" in lines

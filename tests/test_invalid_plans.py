@@ -84,7 +84,8 @@ CASES: list[tuple[str, Any, str]] = [
      "blue column 'amount' is read by columns[2] (total_amount) but nothing feeds it after cutover"),
     ("key from an expression", _variant(columns__0={"name": "id", "type": "bigint", "not_null": True,
                                                     "from": "id + 0"}),
-     "key[0]: green key column 'id' must come from a plain blue column"),
+     "key[0]: key column id must be copied unchanged from blue (it identifies each row in both tables): "
+     "remove `from`, or change `key`"),
 ]
 
 

@@ -126,4 +126,5 @@ def test_verify_refuses_before_backfill(dsn: str) -> None:
     path = PLANS / "orders_v2.yaml"
     assert bgsync(dsn, "prepare", str(path)).code == 0
     result = bgsync(dsn, "verify", str(path))
-    assert result.code == 1 and "verify runs when" in result.err
+    assert result.code == 1 and "verify refused" in result.err and "not backfilled yet" in result.err
+    assert f"run `bgsync backfill {path}`" in result.err

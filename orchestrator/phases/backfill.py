@@ -338,13 +338,20 @@ def run(conn: Conn, dsn: str, spec: MigrationSpec, settings: Settings) -> None:
                 for thread in threads:
                     thread.join(timeout=0.25)
                 elapsed = max(time.monotonic() - started, 1e-6)
-                progress.update(shared.task, rate=f"{shared.copied / elapsed:,.0f} rows/s")
+                # the total is an estimate (reltuples): never let the bar run past it
+                done = int(copied_before) + shared.copied
+                total = max(progress.tasks[0].total or 0, done)
+                progress.update(shared.task, total=total, rate=f"{shared.copied / elapsed:,.0f} rows/s")
         except KeyboardInterrupt:
             interrupted = True
             stop.set()
             log.warn("interrupt: stopping after the current batches")
             for thread in threads:
                 thread.join()
+        if not shared.errors and not interrupted:
+            # finished: the real total replaces the estimate, so the bar ends exactly full
+            done = int(copied_before) + shared.copied
+            progress.update(shared.task, total=done, completed=done)
     if shared.errors:
         error = shared.errors[0]
         message = error.diag.message_primary if isinstance(error, psycopg.Error) and error.diag.message_primary \

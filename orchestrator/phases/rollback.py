@@ -4,16 +4,16 @@ and cut over again."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import psycopg
 
 from orchestrator import catalog
-from orchestrator.catalog import ForeignKey
+from orchestrator.catalog import ForeignKey, ViewDef
 from orchestrator.executor import Statement, Unit
-from orchestrator.journal import MigrationRow
 from orchestrator.names import QualifiedName
-from orchestrator.phases.cutover import FreeNames, Rename, _refuse_materialized, fk_columns, sequence_pairs
+from orchestrator.phases.cutover import FreeNames, Rename, _refuse_materialized, fk_columns, plan_flip, sequence_pairs
 from orchestrator.render import render_steps
 from orchestrator.spec import MigrationSpec, forward_sync, reverse_sync
 
@@ -31,16 +31,42 @@ def live_table(spec: MigrationSpec, mode: str) -> Any:
     return spec.blue if mode == "rename" else spec.green
 
 
-def uncutover_unit(conn: Conn, spec: MigrationSpec, row: MigrationRow, lock_timeout: str, attempts: int,
+def uncutover_unit(conn: Conn, spec: MigrationSpec, record: dict[str, Any], lock_timeout: str, attempts: int,
                    current_user: str) -> tuple[Unit, list[ForeignKey]]:
-    record = row.cutover or {}
+    """Rollback after cutover: undo the renames the cutover recorded, reading what depends on the live
+    table from the catalog."""
     mode = str(record.get("mode", "rename"))
     live = live_table(spec, mode)
     views = catalog.dependent_views(conn, str(spec.blue))
     _refuse_materialized(views)
     fks = catalog.inbound_foreign_keys(conn, str(live))
-    columns = fk_columns(spec, fks, to_green=False)
     sequences = sequence_pairs(conn, spec, live, spec.retired, spec.retired)
+    return _uncutover(conn, spec, record, views, fks, sequences, lock_timeout, attempts, current_user)
+
+
+def predicted_uncutover_unit(conn: Conn, spec: MigrationSpec, mode: str, lock_timeout: str, attempts: int,
+                             current_user: str) -> tuple[Unit, list[ForeignKey]]:
+    """Rollback after a cutover that has not run yet: the state the cutover would leave behind, from the
+    same plan of renames, sequence moves, views and foreign keys that the cutover prints and runs."""
+    flip = plan_flip(conn, spec, mode)
+    fks = [dataclasses.replace(fk, referenced_columns=flip.fk_columns[fk.name]) for fk in flip.fks]
+    renamed = {(r.schema, r.old): r.new for r in flip.renames if r.kind == "sequence"}
+
+    def after_cutover(seq: QualifiedName) -> QualifiedName:
+        return QualifiedName(seq.schema, renamed.get((seq.schema, seq.name), seq.name))
+
+    # after the flip, the live table's sequence is green's (under blue's old name), the retired one blue's
+    sequences = [{"from_seq": after_cutover(pair["to_seq"]), "to_seq": after_cutover(pair["from_seq"]),
+                  "column": pair["column"], "table": spec.retired} for pair in flip.sequences]
+    return _uncutover(conn, spec, flip.record, flip.views, fks, sequences, lock_timeout, attempts, current_user)
+
+
+def _uncutover(conn: Conn, spec: MigrationSpec, record: dict[str, Any], views: list[ViewDef], fks: list[ForeignKey],
+               sequences: list[dict[str, Any]], lock_timeout: str, attempts: int, current_user: str
+               ) -> tuple[Unit, list[ForeignKey]]:
+    mode = str(record.get("mode", "rename"))
+    live = live_table(spec, mode)
+    columns = fk_columns(spec, fks, to_green=False)
     renames: list[Rename] = []
     parked = None
     if mode == "view":
@@ -60,8 +86,7 @@ def uncutover_unit(conn: Conn, spec: MigrationSpec, row: MigrationRow, lock_time
     return unit, fks
 
 
-def finalize_unit(spec: MigrationSpec, row: MigrationRow, lock_timeout: str, attempts: int) -> Unit:
-    mode = str((row.cutover or {}).get("mode", "rename"))
+def finalize_unit(spec: MigrationSpec, mode: str, lock_timeout: str, attempts: int) -> Unit:
     steps = render_steps("finalize.sql.j2", spec=spec, forward=forward_sync(spec),
                          reverse=reverse_sync(spec, live_table(spec, mode)))
     statements = [Statement(d, s) for d, s in steps]

@@ -8,20 +8,28 @@ from typing import Any
 import psycopg
 import yaml
 
-from orchestrator import catalog
-from orchestrator.errors import PlanError
-from orchestrator.names import QualifiedName
+from orchestrator import catalog, origin
+from orchestrator.errors import UsageError
+from orchestrator.names import QualifiedName, parse_qualified_name
 
 Conn = psycopg.Connection[Any]
 
 
 def plan_yaml(conn: Conn, table: str) -> str:
+    try:
+        schema, _ = parse_qualified_name(table)
+    except ValueError as error:
+        raise UsageError(f"TABLE: {error}") from None
     oid = catalog.regclass_oid(conn, table)
     if oid is None:
-        raise PlanError([f"TABLE: table {table} does not exist"])
+        hint = ""
+        if schema is None:
+            row = conn.execute("SELECT array_to_string(current_schemas(false), ', ')").fetchone()
+            hint = f" (searched schemas: {(row[0] if row else '') or 'none'}); give schema.table"
+        raise UsageError(f"table {table} does not exist in {origin.describe(conn)}{hint}")
     info = catalog.load_table(conn, oid)
     if info.relkind != "r":
-        raise PlanError([f"TABLE: {info.name} is not a plain table"])
+        raise UsageError(f"{info.name.display()} is not a plain table; bgsync migrates plain tables")
     name = re.sub(r"[^a-z0-9_]", "_", info.name.name.lower()).strip("_") or "migration"
     if not name[0].isalpha():
         name = "m_" + name
@@ -52,8 +60,8 @@ def plan_yaml(conn: Conn, table: str) -> str:
     checks = [{"name": r[0], "expression": r[1]} for r in conn.execute(
         """SELECT conname, regexp_replace(pg_get_constraintdef(oid), '^CHECK \\((.*)\\)( NOT VALID)?$', '\\1')
              FROM pg_constraint WHERE conrelid = %s AND contype = 'c' ORDER BY conname""", [oid])]
-    plan: dict[str, Any] = {"name": f"{name}_v2"[:40], "source": str(info.name),
-                            "target": str(QualifiedName(info.name.schema, f"{info.name.name}_v2"))}
+    plan: dict[str, Any] = {"name": f"{name}_v2"[:40], "source": info.name.display(),
+                            "target": QualifiedName(info.name.schema, f"{info.name.name}_v2").display()}
     if info.primary_key is None:
         plan["key"] = ["<set me: a unique, NOT NULL key>"]
     plan["columns"] = columns
@@ -63,7 +71,7 @@ def plan_yaml(conn: Conn, table: str) -> str:
     plan["verify"] = {"workers": 4}
     plan["cutover"] = {"mode": "rename", "retired_name": f"{info.name.name}_old"[:63], "lock_timeout": "2s",
                        "attempts": 10}
-    header = (f"# bgsync plan scaffolded from {info.name} ({len(columns)} columns).\n"
+    header = (f"# bgsync plan scaffolded from {info.name.display()} ({len(columns)} columns).\n"
               "# Edit the columns (type, from, reverse, default) to describe green, then run\n"
               "# `bgsync validate` on this file.\n")
     return header + yaml.safe_dump(plan, sort_keys=False, allow_unicode=True, width=100)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 import psycopg
@@ -48,10 +49,9 @@ def migration_status(conn: Conn, schema: str, name: str) -> dict[str, Any]:
         else copied
     rate = float(copied) / float(seconds) if seconds and float(seconds) > 0 else None
     eta = (estimate - copied) / rate if rate and done < total else (0.0 if total and done == total else None)
-    verify = conn.execute(
-        f"""SELECT passed, finished_at, (result->>'mismatched_rows')::bigint FROM {s}.verify_runs
-             WHERE migration = %s ORDER BY id DESC LIMIT 1""", [name]).fetchone() \
-        if catalog.relation_exists(conn, QualifiedName(schema, "verify_runs")) else None
+    rolled_back_at = last_rollback(conn, schema, name)
+    verify = last_verify(conn, schema, name, since=rolled_back_at)
+    before_rollback = None if rolled_back_at is None else last_verify(conn, schema, name, before=rolled_back_at)
     triggers_expected, tables_expected = expected_objects(spec, row.phase, mode)
     drift: list[str] = []
     present_all: dict[str, dict[str, str]] = {}
@@ -78,11 +78,34 @@ def migration_status(conn: Conn, schema: str, name: str) -> dict[str, Any]:
             "rows_per_second": None if rate is None else round(rate, 1),
             "eta_seconds": None if eta is None else round(eta, 1),
         },
-        "verify": None if verify is None else {
-            "passed": bool(verify[0]), "finished_at": verify[1].isoformat(), "mismatched_rows": int(verify[2] or 0)},
+        "verify": verify,
+        "verify_before_rollback": before_rollback,
+        "rolled_back_at": None if rolled_back_at is None else rolled_back_at.isoformat(),
         "triggers": {table: sorted(names) for table, names in triggers_expected.items()},
         "drift": drift,
     }
+
+
+def last_rollback(conn: Conn, schema: str, name: str) -> datetime | None:
+    """When the migration was last rolled back (its rollback's statements in the event log)."""
+    row = conn.execute(f"""SELECT max(at) FROM {quote_ident(schema)}.events
+                            WHERE migration = %s AND phase = 'rollback' AND outcome = 'ok'""", [name]).fetchone()
+    return None if row is None else row[0]
+
+
+def last_verify(conn: Conn, schema: str, name: str, *, since: datetime | None = None,
+                before: datetime | None = None) -> dict[str, Any] | None:
+    """The last verify run (after `since`, or before `before`): passed, finished_at, mismatched_rows."""
+    if not catalog.relation_exists(conn, QualifiedName(schema, "verify_runs")):
+        return None
+    row = conn.execute(
+        f"""SELECT passed, finished_at, (result->>'mismatched_rows')::bigint FROM {quote_ident(schema)}.verify_runs
+             WHERE migration = %s AND (%s::timestamptz IS NULL OR finished_at > %s)
+               AND (%s::timestamptz IS NULL OR finished_at <= %s)
+             ORDER BY id DESC LIMIT 1""", [name, since, since, before, before]).fetchone()
+    if row is None:
+        return None
+    return {"passed": bool(row[0]), "finished_at": row[1].isoformat(), "mismatched_rows": int(row[2] or 0)}
 
 
 def status(conn: Conn, schema: str, name: str | None) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from typing import Any
 
 import psycopg
 
-from orchestrator import catalog
+from orchestrator import catalog, origin
 from orchestrator.catalog import Dependent, TableInfo
 from orchestrator.errors import DatabaseError, PlanError
 from orchestrator.journal import MigrationRow, get_migration
@@ -53,7 +53,7 @@ def validate_live(conn: Conn, plan: Plan, state_schema: str) -> Validation:
     """Every live check of the design; raises PlanError naming each failing field or object."""
     oid = catalog.regclass_oid(conn, plan.source)
     if oid is None:
-        raise PlanError([f"source: table {plan.source} does not exist"])
+        raise PlanError([f"source: table {plan.source} does not exist in {origin.describe(conn)}"])
     blue = catalog.load_table(conn, oid)
     if blue.relkind != "r":
         raise PlanError([f"source: {blue.name.display()} is a {RELKINDS.get(blue.relkind, blue.relkind)}, "

@@ -1,3 +1,4 @@
+-- phase: prepare
 -- prepare orders_v2: green "public"."orders_v2" and forward triggers on "public"."orders"
 BEGIN;
 SET LOCAL lock_timeout = '2s';
@@ -62,6 +63,8 @@ CREATE TABLE IF NOT EXISTS "bgsync"."verify_runs" (
 ALTER TABLE "bgsync"."migrations" ADD COLUMN IF NOT EXISTS cutover jsonb;
 -- when bgsync last wrote green itself (a backfill, a repair): verify waits for older snapshots
 ALTER TABLE "bgsync"."migrations" ADD COLUMN IF NOT EXISTS green_written_at timestamptz;
+-- the plan file as prepare read it, for `bgsync plan show` (NULL in journals from before it was kept)
+ALTER TABLE "bgsync"."migrations" ADD COLUMN IF NOT EXISTS plan_source text;
 -- journal format version
 COMMENT ON SCHEMA "bgsync" IS 'bgsync state (format 1)';
 -- green's own sequence for id (blue's is orders_id_seq)
@@ -141,16 +144,43 @@ ALTER TABLE "public"."orders" ENABLE ALWAYS TRIGGER "bgsync_orders_v2_fwd_del";
 -- keep the forward sync trunc trigger firing under session_replication_role = replica
 ALTER TABLE "public"."orders" ENABLE ALWAYS TRIGGER "bgsync_orders_v2_fwd_trunc";
 -- register the migration (refused by a unique index if another one is active on the source)
-INSERT INTO "bgsync"."migrations" (name, source, target, phase, plan_hash, plan, spec)
+INSERT INTO "bgsync"."migrations" (name, source, target, phase, plan_hash, plan, spec, plan_source)
 VALUES ('orders_v2', '"public"."orders"', '"public"."orders_v2"', 'prepared', '2417f09cd3152dee',
-        '{"checks": [{"expression": "total_amount >= 0", "name": "orders_total_amount_nonneg"}], "columns": [{"default": null, "from": null, "name": "id", "not_null": true, "reverse": null, "reverse_column": null, "type": "bigint"}, {"default": null, "from": null, "name": "customer_id", "not_null": true, "reverse": null, "reverse_column": null, "type": "bigint"}, {"default": null, "from": "amount::numeric(12,2)", "name": "total_amount", "not_null": true, "reverse": "round(total_amount)::integer", "reverse_column": "amount", "type": "numeric(12,2)"}, {"default": "''new''", "from": "state", "name": "status", "not_null": true, "reverse": null, "reverse_column": null, "type": "text"}, {"default": null, "from": null, "name": "note", "not_null": false, "reverse": null, "reverse_column": null, "type": "text"}, {"default": "now()", "from": null, "name": "created_at", "not_null": true, "reverse": null, "reverse_column": null, "type": "timestamptz"}], "cutover": {"mode": "rename", "retired_name": "orders_old"}, "indexes": [{"columns": ["customer_id"], "name": null, "unique": false, "where": null}, {"columns": ["status"], "name": null, "unique": false, "where": "status <> ''void''"}], "key": ["id"], "name": "orders_v2", "source": "public.orders", "target": "public.orders_v2"}'::jsonb,  E'{"blue": {"name": "orders", "schema": "public"}, "blue_generated": [], "blue_identity_always": [], "blue_key": ["id"], "blue_key_collations": [null], "blue_key_types": ["bigint"], "blue_owner": "postgres", "checks": [{"expression": "total_amount >= 0", "name": "orders_total_amount_nonneg"}], "columns": [{"blue_sequence": "orders_id_seq", "default": "nextval(''\\"public\\".\\"orders_v2_id_seq\\"''::regclass)", "default_inherited": true, "generated": null, "identity": "", "name": "id", "not_null": true, "reverse_column": "id", "reverse_expr": "\\"id\\"", "reverse_origin": "column", "sequence": "orders_v2_id_seq", "source_expr": "\\"id\\"", "type": "bigint"}, {"blue_sequence": null, "default": null, "default_inherited": false, "generated": null, "identity": "", "name": "customer_id", "not_null": true, "reverse_column": "customer_id", "reverse_expr": "\\"customer_id\\"", "reverse_origin": "column", "sequence": null, "source_expr": "\\"customer_id\\"", "type": "bigint"}, {"blue_sequence": null, "default": null, "default_inherited": false, "generated": null, "identity": "", "name": "total_amount", "not_null": true, "reverse_column": "amount", "reverse_expr": "round(total_amount)::integer", "reverse_origin": "explicit", "sequence": null, "source_expr": "amount::numeric(12,2)", "type": "numeric(12,2)"}, {"blue_sequence": null, "default": "''new''", "default_inherited": false, "generated": null, "identity": "", "name": "status", "not_null": true, "reverse_column": "state", "reverse_expr": "\\"status\\"", "reverse_origin": "column", "sequence": null, "source_expr": "state", "type": "text"}, {"blue_sequence": null, "default": null, "default_inherited": false, "generated": null, "identity": "", "name": "note", "not_null": false, "reverse_column": "note", "reverse_expr": "\\"note\\"", "reverse_origin": "column", "sequence": null, "source_expr": "\\"note\\"", "type": "text"}, {"blue_sequence": null, "default": "now()", "default_inherited": false, "generated": null, "identity": "", "name": "created_at", "not_null": true, "reverse_column": "created_at", "reverse_expr": "\\"created_at\\"", "reverse_origin": "column", "sequence": null, "source_expr": "\\"created_at\\"", "type": "timestamptz"}], "feeds": [{"blue_column": "id", "how": "copied back", "source": "id"}, {"blue_column": "customer_id", "how": "copied back", "source": "customer_id"}, {"blue_column": "amount", "how": "reverse", "source": "round(total_amount)::integer"}, {"blue_column": "state", "how": "copied back", "source": "status"}, {"blue_column": "note", "how": "copied back", "source": "note"}, {"blue_column": "created_at", "how": "copied back", "source": "created_at"}], "forward_function": {"name": "orders_v2_forward", "schema": "bgsync"}, "grants": [], "green": {"name": "orders_v2", "schema": "public"}, "green_key": ["id"], "indexes": [{"columns": ["customer_id"], "name": "orders_v2_customer_id_idx", "unique": false, "where": null}, {"columns": ["status"], "name": "orders_v2_status_idx", "unique": false, "where": "status <> ''void''"}], "name": "orders_v2", "plan_hash": "2417f09cd3152dee", "primary_key_name": "orders_v2_pkey", "retired": {"name": "orders_old", "schema": "public"}, "search_path": ["pg_catalog", "public", "pg_temp"], "settings": {}, "state_schema": "bgsync", "triggers": {"del": "bgsync_orders_v2_fwd_del", "ins": "bgsync_orders_v2_fwd_ins", "trunc": "bgsync_orders_v2_fwd_trunc", "upd": "bgsync_orders_v2_fwd_upd"}}'::jsonb)
+        '{"checks": [{"expression": "total_amount >= 0", "name": "orders_total_amount_nonneg"}], "columns": [{"default": null, "from": null, "name": "id", "not_null": true, "reverse": null, "reverse_column": null, "type": "bigint"}, {"default": null, "from": null, "name": "customer_id", "not_null": true, "reverse": null, "reverse_column": null, "type": "bigint"}, {"default": null, "from": "amount::numeric(12,2)", "name": "total_amount", "not_null": true, "reverse": "round(total_amount)::integer", "reverse_column": "amount", "type": "numeric(12,2)"}, {"default": "''new''", "from": "state", "name": "status", "not_null": true, "reverse": null, "reverse_column": null, "type": "text"}, {"default": null, "from": null, "name": "note", "not_null": false, "reverse": null, "reverse_column": null, "type": "text"}, {"default": "now()", "from": null, "name": "created_at", "not_null": true, "reverse": null, "reverse_column": null, "type": "timestamptz"}], "cutover": {"mode": "rename", "retired_name": "orders_old"}, "indexes": [{"columns": ["customer_id"], "name": null, "unique": false, "where": null}, {"columns": ["status"], "name": null, "unique": false, "where": "status <> ''void''"}], "key": ["id"], "name": "orders_v2", "source": "public.orders", "target": "public.orders_v2"}'::jsonb,  E'{"blue": {"name": "orders", "schema": "public"}, "blue_generated": [], "blue_identity_always": [], "blue_key": ["id"], "blue_key_collations": [null], "blue_key_types": ["bigint"], "blue_owner": "postgres", "checks": [{"expression": "total_amount >= 0", "name": "orders_total_amount_nonneg"}], "columns": [{"blue_sequence": "orders_id_seq", "default": "nextval(''\\"public\\".\\"orders_v2_id_seq\\"''::regclass)", "default_inherited": true, "generated": null, "identity": "", "name": "id", "not_null": true, "reverse_column": "id", "reverse_expr": "\\"id\\"", "reverse_origin": "column", "sequence": "orders_v2_id_seq", "source_expr": "\\"id\\"", "type": "bigint"}, {"blue_sequence": null, "default": null, "default_inherited": false, "generated": null, "identity": "", "name": "customer_id", "not_null": true, "reverse_column": "customer_id", "reverse_expr": "\\"customer_id\\"", "reverse_origin": "column", "sequence": null, "source_expr": "\\"customer_id\\"", "type": "bigint"}, {"blue_sequence": null, "default": null, "default_inherited": false, "generated": null, "identity": "", "name": "total_amount", "not_null": true, "reverse_column": "amount", "reverse_expr": "round(total_amount)::integer", "reverse_origin": "explicit", "sequence": null, "source_expr": "amount::numeric(12,2)", "type": "numeric(12,2)"}, {"blue_sequence": null, "default": "''new''", "default_inherited": false, "generated": null, "identity": "", "name": "status", "not_null": true, "reverse_column": "state", "reverse_expr": "\\"status\\"", "reverse_origin": "column", "sequence": null, "source_expr": "state", "type": "text"}, {"blue_sequence": null, "default": null, "default_inherited": false, "generated": null, "identity": "", "name": "note", "not_null": false, "reverse_column": "note", "reverse_expr": "\\"note\\"", "reverse_origin": "column", "sequence": null, "source_expr": "\\"note\\"", "type": "text"}, {"blue_sequence": null, "default": "now()", "default_inherited": false, "generated": null, "identity": "", "name": "created_at", "not_null": true, "reverse_column": "created_at", "reverse_expr": "\\"created_at\\"", "reverse_origin": "column", "sequence": null, "source_expr": "\\"created_at\\"", "type": "timestamptz"}], "feeds": [{"blue_column": "id", "how": "copied back", "source": "id"}, {"blue_column": "customer_id", "how": "copied back", "source": "customer_id"}, {"blue_column": "amount", "how": "reverse", "source": "round(total_amount)::integer"}, {"blue_column": "state", "how": "copied back", "source": "status"}, {"blue_column": "note", "how": "copied back", "source": "note"}, {"blue_column": "created_at", "how": "copied back", "source": "created_at"}], "forward_function": {"name": "orders_v2_forward", "schema": "bgsync"}, "grants": [], "green": {"name": "orders_v2", "schema": "public"}, "green_key": ["id"], "indexes": [{"columns": ["customer_id"], "name": "orders_v2_customer_id_idx", "unique": false, "where": null}, {"columns": ["status"], "name": "orders_v2_status_idx", "unique": false, "where": "status <> ''void''"}], "name": "orders_v2", "plan_hash": "2417f09cd3152dee", "primary_key_name": "orders_v2_pkey", "retired": {"name": "orders_old", "schema": "public"}, "search_path": ["pg_catalog", "public", "pg_temp"], "settings": {}, "state_schema": "bgsync", "triggers": {"del": "bgsync_orders_v2_fwd_del", "ins": "bgsync_orders_v2_fwd_ins", "trunc": "bgsync_orders_v2_fwd_trunc", "upd": "bgsync_orders_v2_fwd_upd"}}'::jsonb, '# A type change with a rename: integer `amount` becomes numeric `total_amount`,
+# `state` becomes `status`; the reverse expressions keep blue fed after cutover.
+name: orders_v2
+source: public.orders
+target: public.orders_v2
+key: [id]
+columns:
+  - {name: id, type: bigint, not_null: true}
+  - {name: customer_id, type: bigint, not_null: true}
+  - name: total_amount
+    type: numeric(12,2)
+    not_null: true
+    from: "amount::numeric(12,2)"
+    reverse: "round(total_amount)::integer"
+    reverse_column: amount
+  - {name: status, type: text, not_null: true, from: state, default: "''new''"}
+  - {name: note, type: text}
+  - {name: created_at, type: timestamptz, not_null: true, default: "now()"}
+indexes:
+  - {columns: [customer_id]}
+  - {columns: [status], where: "status <> ''void''"}
+checks:
+  - {name: orders_total_amount_nonneg, expression: "total_amount >= 0"}
+backfill: {workers: 4, batch_rows: 10000, max_rows_per_second: 0}
+verify: {workers: 4}
+cutover: {mode: rename, retired_name: orders_old, lock_timeout: 2s, attempts: 10}
+')
 ON CONFLICT (name) DO UPDATE
    SET phase = 'prepared', plan_hash = EXCLUDED.plan_hash, plan = EXCLUDED.plan, spec = EXCLUDED.spec,
-       source = EXCLUDED.source, target = EXCLUDED.target, updated_at = now()
+       plan_source = EXCLUDED.plan_source, source = EXCLUDED.source, target = EXCLUDED.target, updated_at = now()
  WHERE "bgsync"."migrations".phase IN ('rolled_back', 'finalized')
 RETURNING name;
 COMMIT;
 
+-- phase: backfill
 -- settings of each worker's session
 -- batch progress commits with its rows, so a crash can only lose work that is redone on resume
 SET synchronous_commit = off;
@@ -243,6 +273,7 @@ UPDATE "bgsync"."migrations" SET green_written_at = clock_timestamp()
  WHERE name = 'orders_v2';
 COMMIT;
 
+-- phase: verify
 -- each partition, in one REPEATABLE READ READ ONLY transaction per partition
 BEGIN;
 -- count and order-independent checksum of blue rows, projected through the plan's `from` expressions as green's types
@@ -280,5 +311,284 @@ SELECT ARRAY["id"::text],
  WHERE ("id") > ($1::bigint) AND ("id") <= ($2::bigint);
 COMMIT;
 
--- cutover orders_v2: its SQL depends on green's catalog; it is printed once `bgsync prepare` has created green
+-- phase: cutover
+-- cutover orders_v2: not prepared yet; this is the SQL cutover runs after prepare, backfill and a passing verify (green's shape comes from the plan)
+
+-- cutover orders_v2: public.orders becomes green (rename mode)
+BEGIN;
+SET LOCAL lock_timeout = '2s';
+-- lock blue "public"."orders": writers wait here for at most the rest of this transaction
+LOCK TABLE "public"."orders" IN ACCESS EXCLUSIVE MODE;
+-- lock green "public"."orders_v2"
+LOCK TABLE "public"."orders_v2" IN ACCESS EXCLUSIVE MODE;
+-- drop the forward sync ins trigger
+DROP TRIGGER IF EXISTS "bgsync_orders_v2_fwd_ins" ON "public"."orders";
+-- drop the forward sync upd trigger
+DROP TRIGGER IF EXISTS "bgsync_orders_v2_fwd_upd" ON "public"."orders";
+-- drop the forward sync del trigger
+DROP TRIGGER IF EXISTS "bgsync_orders_v2_fwd_del" ON "public"."orders";
+-- drop the forward sync trunc trigger
+DROP TRIGGER IF EXISTS "bgsync_orders_v2_fwd_trunc" ON "public"."orders";
+-- orders_v2_id_seq continues after orders_id_seq (and after every id in orders_v2), so ids never collide
+-- value read at run time: the sequence names (blue's from the catalog; green's from the plan, or as PostgreSQL named an identity column's)
+SELECT setval('"public"."orders_v2_id_seq"'::regclass,
+              greatest(nextval('"public"."orders_id_seq"'::regclass),
+                       (SELECT coalesce(max("id") + 1, 1) FROM "public"."orders_v2")),
+              false);
+-- rename sequence orders_id_seq to orders_old_id_seq
+-- value read at run time: the sequence names (from the catalog)
+ALTER SEQUENCE "public"."orders_id_seq" RENAME TO "orders_old_id_seq";
+-- rename sequence orders_v2_id_seq to orders_id_seq
+-- value read at run time: the sequence names (from the catalog)
+ALTER SEQUENCE "public"."orders_v2_id_seq" RENAME TO "orders_id_seq";
+-- rename index orders_customer_id_idx to orders_old_customer_id_idx
+-- value read at run time: the index names (from the catalog)
+ALTER INDEX "public"."orders_customer_id_idx" RENAME TO "orders_old_customer_id_idx";
+-- rename constraint orders_pkey to orders_old_pkey
+-- value read at run time: the constraint names (from the catalog)
+ALTER TABLE "public"."orders" RENAME CONSTRAINT "orders_pkey" TO "orders_old_pkey";
+-- rename table orders to orders_old
+ALTER TABLE "public"."orders" RENAME TO "orders_old";
+-- rename table orders_v2 to orders
+ALTER TABLE "public"."orders_v2" RENAME TO "orders";
+-- rename constraint orders_v2_pkey to orders_pkey
+-- value read at run time: the constraint names (from the catalog)
+ALTER TABLE "public"."orders" RENAME CONSTRAINT "orders_v2_pkey" TO "orders_pkey";
+-- rename index orders_v2_customer_id_idx to orders_customer_id_idx
+-- value read at run time: the index names (from the catalog)
+ALTER INDEX "public"."orders_v2_customer_id_idx" RENAME TO "orders_customer_id_idx";
+-- reverse sync function: mirrors each statement on "public"."orders" into "public"."orders_old", in the same transaction
+CREATE OR REPLACE FUNCTION "bgsync"."orders_v2_reverse"() RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = "pg_catalog", "public", "pg_temp"
+AS $bgsync$
+BEGIN
+    IF TG_OP = 'INSERT' THEN
+        INSERT INTO "public"."orders_old" AS t ("id", "customer_id", "amount", "state", "note", "created_at") OVERRIDING SYSTEM VALUE
+        SELECT "id", "customer_id", round(total_amount)::integer, "status", "note", "created_at"
+          FROM bgsync_new_rows
+        ON CONFLICT ("id") DO UPDATE
+           SET "customer_id" = EXCLUDED."customer_id", "amount" = EXCLUDED."amount", "state" = EXCLUDED."state", "note" = EXCLUDED."note", "created_at" = EXCLUDED."created_at";
+    ELSIF TG_OP = 'UPDATE' THEN
+        -- rows whose key changed leave their old key behind in the target, unless the source holds it again
+        DELETE FROM "public"."orders_old" AS t
+         USING bgsync_old_rows AS o
+         WHERE (t."id") = (o."id")
+           AND NOT EXISTS (SELECT FROM bgsync_new_rows AS n
+                            WHERE (n."id") = (o."id"))
+           AND NOT EXISTS (SELECT FROM "public"."orders" AS s
+                            WHERE (s."id") = (o."id"));
+        INSERT INTO "public"."orders_old" AS t ("id", "customer_id", "amount", "state", "note", "created_at") OVERRIDING SYSTEM VALUE
+        SELECT "id", "customer_id", round(total_amount)::integer, "status", "note", "created_at"
+          FROM bgsync_new_rows
+        ON CONFLICT ("id") DO UPDATE
+           SET "customer_id" = EXCLUDED."customer_id", "amount" = EXCLUDED."amount", "state" = EXCLUDED."state", "note" = EXCLUDED."note", "created_at" = EXCLUDED."created_at";
+    ELSIF TG_OP = 'DELETE' THEN
+        DELETE FROM "public"."orders_old" AS t
+         USING bgsync_old_rows AS o
+         WHERE (t."id") = (o."id")
+           AND NOT EXISTS (SELECT FROM "public"."orders" AS s
+                            WHERE (s."id") = (o."id"));
+    ELSIF TG_OP = 'TRUNCATE' THEN
+        TRUNCATE "public"."orders_old";
+    END IF;
+    RETURN NULL;
+END
+$bgsync$;
+-- reverse sync trigger for INSERT
+CREATE TRIGGER "bgsync_orders_v2_rev_ins" AFTER INSERT ON "public"."orders"
+    REFERENCING NEW TABLE AS bgsync_new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION "bgsync"."orders_v2_reverse"();
+-- reverse sync trigger for UPDATE (including key changes)
+CREATE TRIGGER "bgsync_orders_v2_rev_upd" AFTER UPDATE ON "public"."orders"
+    REFERENCING OLD TABLE AS bgsync_old_rows NEW TABLE AS bgsync_new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION "bgsync"."orders_v2_reverse"();
+-- reverse sync trigger for DELETE
+CREATE TRIGGER "bgsync_orders_v2_rev_del" AFTER DELETE ON "public"."orders"
+    REFERENCING OLD TABLE AS bgsync_old_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION "bgsync"."orders_v2_reverse"();
+-- reverse sync trigger for TRUNCATE
+CREATE TRIGGER "bgsync_orders_v2_rev_trunc" AFTER TRUNCATE ON "public"."orders"
+    FOR EACH STATEMENT EXECUTE FUNCTION "bgsync"."orders_v2_reverse"();
+-- keep the reverse sync ins trigger firing under session_replication_role = replica
+ALTER TABLE "public"."orders" ENABLE ALWAYS TRIGGER "bgsync_orders_v2_rev_ins";
+-- keep the reverse sync upd trigger firing under session_replication_role = replica
+ALTER TABLE "public"."orders" ENABLE ALWAYS TRIGGER "bgsync_orders_v2_rev_upd";
+-- keep the reverse sync del trigger firing under session_replication_role = replica
+ALTER TABLE "public"."orders" ENABLE ALWAYS TRIGGER "bgsync_orders_v2_rev_del";
+-- keep the reverse sync trunc trigger firing under session_replication_role = replica
+ALTER TABLE "public"."orders" ENABLE ALWAYS TRIGGER "bgsync_orders_v2_rev_trunc";
+-- record the cutover (what was renamed, so rollback can undo exactly that)
+-- value read at run time: the renames above
+UPDATE "bgsync"."migrations"
+   SET phase = 'cut_over', cutover = '{"mode": "rename", "renames": [{"kind": "sequence", "schema": "public", "old": "orders_id_seq", "new": "orders_old_id_seq", "table": ""}, {"kind": "sequence", "schema": "public", "old": "orders_v2_id_seq", "new": "orders_id_seq", "table": ""}, {"kind": "index", "schema": "public", "old": "orders_customer_id_idx", "new": "orders_old_customer_id_idx", "table": "orders"}, {"kind": "constraint", "schema": "public", "old": "orders_pkey", "new": "orders_old_pkey", "table": "orders"}, {"kind": "table", "schema": "public", "old": "orders", "new": "orders_old", "table": ""}, {"kind": "table", "schema": "public", "old": "orders_v2", "new": "orders", "table": ""}, {"kind": "constraint", "schema": "public", "old": "orders_v2_pkey", "new": "orders_pkey", "table": "orders"}, {"kind": "index", "schema": "public", "old": "orders_v2_customer_id_idx", "new": "orders_customer_id_idx", "table": "orders"}]}'::jsonb, updated_at = now()
+ WHERE name = 'orders_v2' AND phase = 'verified'
+RETURNING name;
+COMMIT;
+
+-- phase: rollback
+-- rollback orders_v2: migration is not prepared; this is what rollback runs after prepare, before cutover: it drops the forward triggers and green
+
+-- rollback orders_v2: drop the forward triggers and green public.orders_v2
+BEGIN;
+SET LOCAL lock_timeout = '2s';
+-- lock blue "public"."orders" briefly to drop the triggers
+LOCK TABLE "public"."orders" IN SHARE ROW EXCLUSIVE MODE;
+-- drop the forward sync ins trigger
+DROP TRIGGER IF EXISTS "bgsync_orders_v2_fwd_ins" ON "public"."orders";
+-- drop the forward sync upd trigger
+DROP TRIGGER IF EXISTS "bgsync_orders_v2_fwd_upd" ON "public"."orders";
+-- drop the forward sync del trigger
+DROP TRIGGER IF EXISTS "bgsync_orders_v2_fwd_del" ON "public"."orders";
+-- drop the forward sync trunc trigger
+DROP TRIGGER IF EXISTS "bgsync_orders_v2_fwd_trunc" ON "public"."orders";
+-- drop the forward sync function
+DROP FUNCTION IF EXISTS "bgsync"."orders_v2_forward"();
+-- drop green "public"."orders_v2" (its own sequences go with it)
+DROP TABLE IF EXISTS "public"."orders_v2";
+-- forget the backfill partitions
+DELETE FROM "bgsync"."chunks" WHERE migration = 'orders_v2';
+-- record phase rolled_back
+UPDATE "bgsync"."migrations" SET phase = 'rolled_back', updated_at = now()
+ WHERE name = 'orders_v2';
+COMMIT;
+
+-- rollback orders_v2 after cutover (not cut over yet; this is the SQL it runs then): swaps blue back and resumes forward sync
+
+-- rollback orders_v2: swap back to blue public.orders and resume forward sync
+BEGIN;
+SET LOCAL lock_timeout = '2s';
+-- lock the live table "public"."orders"
+LOCK TABLE "public"."orders" IN ACCESS EXCLUSIVE MODE;
+-- lock the retired table "public"."orders_old"
+LOCK TABLE "public"."orders_old" IN ACCESS EXCLUSIVE MODE;
+-- drop the reverse sync ins trigger
+DROP TRIGGER IF EXISTS "bgsync_orders_v2_rev_ins" ON "public"."orders";
+-- drop the reverse sync upd trigger
+DROP TRIGGER IF EXISTS "bgsync_orders_v2_rev_upd" ON "public"."orders";
+-- drop the reverse sync del trigger
+DROP TRIGGER IF EXISTS "bgsync_orders_v2_rev_del" ON "public"."orders";
+-- drop the reverse sync trunc trigger
+DROP TRIGGER IF EXISTS "bgsync_orders_v2_rev_trunc" ON "public"."orders";
+-- orders_old_id_seq continues after orders_id_seq (and after every id in orders_old), so ids never collide
+-- value read at run time: the sequence names (blue's from the catalog; green's from the plan, or as PostgreSQL named an identity column's)
+SELECT setval('"public"."orders_old_id_seq"'::regclass,
+              greatest(nextval('"public"."orders_id_seq"'::regclass),
+                       (SELECT coalesce(max("id") + 1, 1) FROM "public"."orders_old")),
+              false);
+-- rename index orders_customer_id_idx to orders_v2_customer_id_idx
+-- value read at run time: the index names (from the catalog)
+ALTER INDEX "public"."orders_customer_id_idx" RENAME TO "orders_v2_customer_id_idx";
+-- rename constraint orders_pkey to orders_v2_pkey
+-- value read at run time: the constraint names (from the catalog)
+ALTER TABLE "public"."orders" RENAME CONSTRAINT "orders_pkey" TO "orders_v2_pkey";
+-- rename table orders to orders_v2
+ALTER TABLE "public"."orders" RENAME TO "orders_v2";
+-- rename table orders_old to orders
+ALTER TABLE "public"."orders_old" RENAME TO "orders";
+-- rename constraint orders_old_pkey to orders_pkey
+-- value read at run time: the constraint names (from the catalog)
+ALTER TABLE "public"."orders" RENAME CONSTRAINT "orders_old_pkey" TO "orders_pkey";
+-- rename index orders_old_customer_id_idx to orders_customer_id_idx
+-- value read at run time: the index names (from the catalog)
+ALTER INDEX "public"."orders_old_customer_id_idx" RENAME TO "orders_customer_id_idx";
+-- rename sequence orders_id_seq to orders_v2_id_seq
+-- value read at run time: the sequence names (from the catalog)
+ALTER SEQUENCE "public"."orders_id_seq" RENAME TO "orders_v2_id_seq";
+-- rename sequence orders_old_id_seq to orders_id_seq
+-- value read at run time: the sequence names (from the catalog)
+ALTER SEQUENCE "public"."orders_old_id_seq" RENAME TO "orders_id_seq";
+-- forward sync function: mirrors each statement on "public"."orders" into "public"."orders_v2", in the same transaction
+CREATE OR REPLACE FUNCTION "bgsync"."orders_v2_forward"() RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = "pg_catalog", "public", "pg_temp"
+AS $bgsync$
+BEGIN
+    IF TG_OP = 'INSERT' THEN
+        INSERT INTO "public"."orders_v2" AS t ("id", "customer_id", "total_amount", "status", "note", "created_at") OVERRIDING SYSTEM VALUE
+        SELECT "id", "customer_id", amount::numeric(12,2), state, "note", "created_at"
+          FROM bgsync_new_rows
+        ON CONFLICT ("id") DO UPDATE
+           SET "customer_id" = EXCLUDED."customer_id", "total_amount" = EXCLUDED."total_amount", "status" = EXCLUDED."status", "note" = EXCLUDED."note", "created_at" = EXCLUDED."created_at";
+    ELSIF TG_OP = 'UPDATE' THEN
+        -- rows whose key changed leave their old key behind in the target, unless the source holds it again
+        DELETE FROM "public"."orders_v2" AS t
+         USING bgsync_old_rows AS o
+         WHERE (t."id") = (o."id")
+           AND NOT EXISTS (SELECT FROM bgsync_new_rows AS n
+                            WHERE (n."id") = (o."id"))
+           AND NOT EXISTS (SELECT FROM "public"."orders" AS s
+                            WHERE (s."id") = (o."id"));
+        INSERT INTO "public"."orders_v2" AS t ("id", "customer_id", "total_amount", "status", "note", "created_at") OVERRIDING SYSTEM VALUE
+        SELECT "id", "customer_id", amount::numeric(12,2), state, "note", "created_at"
+          FROM bgsync_new_rows
+        ON CONFLICT ("id") DO UPDATE
+           SET "customer_id" = EXCLUDED."customer_id", "total_amount" = EXCLUDED."total_amount", "status" = EXCLUDED."status", "note" = EXCLUDED."note", "created_at" = EXCLUDED."created_at";
+    ELSIF TG_OP = 'DELETE' THEN
+        DELETE FROM "public"."orders_v2" AS t
+         USING bgsync_old_rows AS o
+         WHERE (t."id") = (o."id")
+           AND NOT EXISTS (SELECT FROM "public"."orders" AS s
+                            WHERE (s."id") = (o."id"));
+    ELSIF TG_OP = 'TRUNCATE' THEN
+        TRUNCATE "public"."orders_v2";
+    END IF;
+    RETURN NULL;
+END
+$bgsync$;
+-- forward sync trigger for INSERT
+CREATE TRIGGER "bgsync_orders_v2_fwd_ins" AFTER INSERT ON "public"."orders"
+    REFERENCING NEW TABLE AS bgsync_new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION "bgsync"."orders_v2_forward"();
+-- forward sync trigger for UPDATE (including key changes)
+CREATE TRIGGER "bgsync_orders_v2_fwd_upd" AFTER UPDATE ON "public"."orders"
+    REFERENCING OLD TABLE AS bgsync_old_rows NEW TABLE AS bgsync_new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION "bgsync"."orders_v2_forward"();
+-- forward sync trigger for DELETE
+CREATE TRIGGER "bgsync_orders_v2_fwd_del" AFTER DELETE ON "public"."orders"
+    REFERENCING OLD TABLE AS bgsync_old_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION "bgsync"."orders_v2_forward"();
+-- forward sync trigger for TRUNCATE
+CREATE TRIGGER "bgsync_orders_v2_fwd_trunc" AFTER TRUNCATE ON "public"."orders"
+    FOR EACH STATEMENT EXECUTE FUNCTION "bgsync"."orders_v2_forward"();
+-- keep the forward sync ins trigger firing under session_replication_role = replica
+ALTER TABLE "public"."orders" ENABLE ALWAYS TRIGGER "bgsync_orders_v2_fwd_ins";
+-- keep the forward sync upd trigger firing under session_replication_role = replica
+ALTER TABLE "public"."orders" ENABLE ALWAYS TRIGGER "bgsync_orders_v2_fwd_upd";
+-- keep the forward sync del trigger firing under session_replication_role = replica
+ALTER TABLE "public"."orders" ENABLE ALWAYS TRIGGER "bgsync_orders_v2_fwd_del";
+-- keep the forward sync trunc trigger firing under session_replication_role = replica
+ALTER TABLE "public"."orders" ENABLE ALWAYS TRIGGER "bgsync_orders_v2_fwd_trunc";
+-- record the rollback: blue is live again, green is kept in sync and must be verified before a new cutover
+UPDATE "bgsync"."migrations"
+   SET phase = 'reverted', cutover = NULL, updated_at = now()
+ WHERE name = 'orders_v2' AND phase = 'cut_over'
+RETURNING name;
+COMMIT;
+
+-- phase: finalize
+-- finalize orders_v2: migration is not prepared; finalize runs after cutover, and this is the SQL it runs then
+
+-- finalize orders_v2: drop reverse sync and the retired table public.orders_old
+BEGIN;
+SET LOCAL lock_timeout = '2s';
+-- drop the reverse sync ins trigger
+DROP TRIGGER IF EXISTS "bgsync_orders_v2_rev_ins" ON "public"."orders";
+-- drop the reverse sync upd trigger
+DROP TRIGGER IF EXISTS "bgsync_orders_v2_rev_upd" ON "public"."orders";
+-- drop the reverse sync del trigger
+DROP TRIGGER IF EXISTS "bgsync_orders_v2_rev_del" ON "public"."orders";
+-- drop the reverse sync trunc trigger
+DROP TRIGGER IF EXISTS "bgsync_orders_v2_rev_trunc" ON "public"."orders";
+-- drop the reverse sync function
+DROP FUNCTION IF EXISTS "bgsync"."orders_v2_reverse"();
+-- drop the forward sync function
+DROP FUNCTION IF EXISTS "bgsync"."orders_v2_forward"();
+-- drop the retired table "public"."orders_old" (refused if anything still depends on it)
+DROP TABLE "public"."orders_old";
+-- record phase finalized
+UPDATE "bgsync"."migrations" SET phase = 'finalized', updated_at = now()
+ WHERE name = 'orders_v2' AND phase = 'cut_over'
+RETURNING name;
+COMMIT;
 
