@@ -259,7 +259,7 @@ def prepare(options: Options, plan_path: Path, *, dry_run: bool = False, conn: C
         validation = validate_live(conn, plan, options.state_schema)
         conn.rollback()
         units = prepare_units(plan, validation.spec, catalog.current_user(conn),
-                              plan_text=plan_path.read_text(encoding="utf-8"))
+                              plan_text=plan_path.read_text(encoding="utf-8"), properties=validation.properties)
         executor = Executor(conn, dry_run=dry_run, migration=plan.name, state_schema=options.state_schema)
         if dry_run:
             for unit in units:
@@ -296,7 +296,7 @@ def backfill(options: Options, plan_path: Path, *, workers: int | None = None, b
     settings = backfill_phase.Settings(
         workers=workers or plan.backfill.workers, batch_rows=batch_rows or plan.backfill.batch_rows,
         max_rows_per_second=plan.backfill.max_rows_per_second if max_rows_per_second is None
-        else max_rows_per_second)
+        else max_rows_per_second, lock_timeout=plan.cutover.lock_timeout, attempts=plan.cutover.attempts)
     dsn = db.resolve_dsn(options.dsn)
     with _use(conn, options, f"backfill {plan.name}") as conn:
         if dry_run:
@@ -383,18 +383,6 @@ def _show(values: dict[str, str | None] | None, column: str) -> str:
     return "NULL" if value is None else repr(value)
 
 
-def _run_fk_validation(executor: Executor, unit: Unit | None) -> None:
-    """Foreign keys re-pointed NOT VALID are validated after the lock is gone; a failure is reported,
-    the constraint stays enforced for new rows."""
-    if unit is None:
-        return
-    try:
-        executor.run(unit)
-    except DatabaseError as error:
-        log.warn(f"{error}; the foreign key stays NOT VALID (enforced for new rows): fix the data and run "
-                 f"ALTER TABLE ... VALIDATE CONSTRAINT")
-
-
 def _rows(count: int) -> str:
     return "1 row that differs" if count == 1 else f"{count:,} rows that differ"
 
@@ -435,21 +423,20 @@ def cutover(options: Options, plan_path: Path, *, lock_timeout: str | None = Non
                 _note(f"cutover {plan.name}: migration is {states.words(phase)}; this is the SQL cutover runs "
                       f"once a verify passes")
         timeout = lock_timeout or plan.cutover.lock_timeout
-        unit, fks = cutover_phase.cutover_units(conn, spec, plan.cutover.mode, timeout,
-                                                attempts or plan.cutover.attempts, catalog.current_user(conn))
-        fk_unit = cutover_phase.validate_fk_unit(spec, fks, "cutover")
+        before, unit = cutover_phase.cutover_units(conn, spec, plan.cutover.mode, timeout,
+                                                   attempts or plan.cutover.attempts, catalog.current_user(conn))
         conn.rollback()
         executor = Executor(conn, dry_run=dry_run, migration=plan.name, state_schema=options.state_schema)
         if dry_run:
-            executor.run(unit)
-            if fk_unit:
-                executor.run(fk_unit)
+            for prior in [*before, unit]:
+                executor.run(prior)
             return None
         with migration_lock(conn, plan.name):
+            for prior in before:
+                executor.run(prior)
             started = time.perf_counter()
             executor.run(unit)
             held = time.perf_counter() - started
-            _run_fk_validation(executor, fk_unit)
         log.success(f"cut over {plan.name}: {spec.blue.display()} is now green ({plan.cutover.mode} mode); "
                     f"reverse sync keeps {spec.retired.display()} current (transaction {held * 1000:.0f} ms)")
         _next(options, "cut_over", plan_path)
@@ -465,8 +452,10 @@ def rollback(options: Options, plan_path: Path, *, dry_run: bool = False, conn: 
     with _use(conn, options, f"rollback {plan.name}", plan.cutover.lock_timeout) as conn:
         row = get_migration(conn, options.state_schema, plan.name)
         phase = _phase(row)
-        if phase == "finalized":
-            why = "the retired table is gone, there is nothing to roll back to"
+        if phase in ("finalized", "finalizing"):
+            why = ("the retired table is gone, there is nothing to roll back to" if phase == "finalized" else
+                   "finalize has begun: writes no longer reach the retired table; run "
+                   f"`{states.command('finalize', plan_path)}` to finish")
             if dry_run:
                 _note(f"rollback {plan.name}: migration is finalized: {why}; rollback would run nothing")
                 return None
@@ -479,11 +468,9 @@ def rollback(options: Options, plan_path: Path, *, dry_run: bool = False, conn: 
         executor = Executor(conn, dry_run=dry_run, migration=plan.name, state_schema=options.state_schema)
         timeout, attempts = plan.cutover.lock_timeout, plan.cutover.attempts
         user = catalog.current_user(conn)
-        fks: list[Any] = []
         if row is not None and phase == "cut_over":
             spec = row.spec
-            unit, fks = rollback_phase.uncutover_unit(conn, spec, row.cutover or {}, timeout, attempts, user)
-            units = [unit]
+            units = [rollback_phase.uncutover_unit(conn, spec, row.cutover or {}, timeout, attempts, user)]
         else:
             if row is not None and row.active:
                 spec = row.spec
@@ -494,16 +481,14 @@ def rollback(options: Options, plan_path: Path, *, dry_run: bool = False, conn: 
                 spec = validate_live(conn, plan, options.state_schema).spec
                 _note(f"rollback {plan.name}: migration is {states.words(phase)}; this is what rollback runs after "
                       f"prepare, before cutover: it drops the forward triggers and green")
-            units = [rollback_phase.teardown_unit(spec, timeout, attempts)]
-        fk_unit = cutover_phase.validate_fk_unit(spec, fks, "rollback")
+            units = [rollback_phase.teardown_unit(conn, spec, timeout, attempts)]
         if dry_run:
             swap_back: list[Unit] = []
             if every_case and phase != "cut_over":
-                unit, predicted_fks = rollback_phase.predicted_uncutover_unit(conn, spec, plan.cutover.mode, timeout,
-                                                                              attempts, user)
-                swap_back = [unit, *filter(None, [cutover_phase.validate_fk_unit(spec, predicted_fks, "rollback")])]
+                swap_back = [rollback_phase.predicted_uncutover_unit(conn, spec, plan.cutover.mode, timeout,
+                                                                     attempts, user)]
             conn.rollback()
-            for unit in [*units, *filter(None, [fk_unit])]:
+            for unit in units:
                 executor.run(unit)
             if swap_back:
                 _note(f"rollback {plan.name} after cutover (not cut over yet; this is the SQL it runs then): "
@@ -515,7 +500,6 @@ def rollback(options: Options, plan_path: Path, *, dry_run: bool = False, conn: 
         with migration_lock(conn, plan.name):
             for unit in units:
                 executor.run(unit)
-            _run_fk_validation(executor, fk_unit)
         if phase == "cut_over":
             log.success(f"rolled back the cutover of {plan.name}: {spec.blue.display()} is blue again; green is "
                         f"kept in sync; verify, then cut over again (or roll back again to drop green)")
@@ -542,21 +526,24 @@ def finalize(options: Options, plan_path: Path, *, yes: bool = False, dry_run: b
         if row is not None and row.active:
             require_same_plan(row, plan)
         timeout, attempts = plan.cutover.lock_timeout, plan.cutover.attempts
-        if row is None or phase != "cut_over":
+        if row is None or phase not in ("cut_over", "finalizing"):
             if not dry_run:
                 raise _refused("finalize", conn, options, plan, plan_path, row, "; finalize runs after cutover")
             spec = row.spec if row is not None and row.active else validate_live(conn, plan, options.state_schema).spec
             _note(f"finalize {plan.name}: migration is {states.words(phase)}; finalize runs after cutover, and this "
                   f"is the SQL it runs then")
-            unit = rollback_phase.finalize_unit(spec, plan.cutover.mode, timeout, attempts)
+            units = rollback_phase.finalize_units(conn, spec, cutover_phase.plan_flip(conn, spec, plan.cutover.mode)
+                                                  .record, timeout, attempts, predicted=True)
         else:
             spec = row.spec
-            unit = rollback_phase.finalize_unit(spec, str((row.cutover or {}).get("mode", "rename")), timeout,
-                                                attempts)
+            units = rollback_phase.finalize_units(conn, spec, row.cutover or {}, timeout, attempts)
+            if phase == "finalizing":      # an interrupted finalize: the reverse sync is already gone
+                units = units[1:]
         conn.rollback()
         executor = Executor(conn, dry_run=dry_run, migration=plan.name, state_schema=options.state_schema)
         if dry_run:
-            executor.run(unit)
+            for unit in units:
+                executor.run(unit)
             return None
         if not yes:
             question = (f"Drop the retired table {spec.retired.display()} and the reverse sync? "
@@ -569,7 +556,8 @@ def finalize(options: Options, plan_path: Path, *, yes: bool = False, dry_run: b
             if not answer:
                 raise Cancelled("finalize cancelled; nothing was changed")
         with migration_lock(conn, plan.name):
-            executor.run(unit)
+            for unit in units:
+                executor.run(unit)
     log.success(f"finalized {plan.name}: {spec.retired.display()} and the reverse sync are gone")
     return None
 

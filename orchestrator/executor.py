@@ -86,14 +86,19 @@ class Executor:
             attempt += 1
             try:
                 return self._run_once(unit)
-            except pgerrors.LockNotAvailable as error:
+            except GIVES_WAY as error:
+                # a lock wait ran out (lock_timeout, or the statement_timeout that bounds a flip's lock
+                # waits), or bgsync was the deadlock victim: the transaction rolled back, try again
+                if isinstance(error, pgerrors.QueryCanceled) and not _timed_out(error):
+                    self._record_failure(unit, error)
+                    raise DatabaseError(f"{unit.title}: {_describe(error)}") from None
                 self._record_failure(unit, error)
                 if attempt >= unit.attempts:
                     raise DatabaseError(
                         f"{unit.title}: could not get a lock within lock_timeout {unit.lock_timeout} "
                         f"after {attempt} attempt(s); nothing was changed") from None
                 pause = min(5.0, 0.1 * 2 ** (attempt - 1)) * (0.5 + random.random())
-                log.warn(f"{unit.title}: lock not available (attempt {attempt}/{unit.attempts}), "
+                log.warn(f"{unit.title}: {_why(error)} (attempt {attempt}/{unit.attempts}), "
                          f"retrying in {pause:.2f}s")
                 time.sleep(pause)
             except psycopg.Error as error:
@@ -177,6 +182,20 @@ class Executor:
                 self.conn.commit()
         except psycopg.Error:
             pass
+
+
+# Errors after which a unit rolled back whole and may simply run again.
+GIVES_WAY = (pgerrors.LockNotAvailable, pgerrors.DeadlockDetected, pgerrors.QueryCanceled)
+
+
+def _timed_out(error: psycopg.Error) -> bool:
+    return "statement timeout" in (error.diag.message_primary or "")
+
+
+def _why(error: psycopg.Error) -> str:
+    if isinstance(error, pgerrors.DeadlockDetected):
+        return "gave way to an application transaction (deadlock)"
+    return "lock not available"
 
 
 def _quote(text: str) -> str:

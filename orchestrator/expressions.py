@@ -80,3 +80,33 @@ def is_null(text: str) -> bool:
     """`NULL` (the explicit way to say a blue column receives NULL after cutover)."""
     tree = _expression(text)
     return isinstance(tree, ast.A_Const) and bool(tree.isnull)
+
+
+def output_names(query: str) -> set[str]:
+    """The column names a SELECT gives its rows; with a `*` in the list, every name counts as kept."""
+    try:
+        statements = parse_sql(query)
+    except ParseError:
+        return set()
+    select = statements[0].stmt if statements else None
+    if not isinstance(select, ast.SelectStmt):
+        return set()
+    names: set[str] = set()
+    for target in select.targetList or ():
+        if not isinstance(target, ast.ResTarget):
+            continue
+        if target.name:
+            names.add(str(target.name))
+            continue
+        value = target.val
+        if isinstance(value, ast.ColumnRef) and value.fields and isinstance(value.fields[-1], ast.A_Star):
+            return _Everything()
+        name = _column_name(value) if value is not None else None
+        if name:
+            names.add(name)
+    return names
+
+
+class _Everything(set[str]):
+    def __contains__(self, item: object) -> bool:
+        return True

@@ -16,7 +16,7 @@ from orchestrator.executor import Statement, Unit
 from orchestrator.names import QualifiedName, quote_ident
 from orchestrator.plan import Plan, diff_fields
 from orchestrator.render import render_steps
-from orchestrator.spec import CheckSpec, Feed, GreenColumn, IndexSpec, MigrationSpec
+from orchestrator.spec import CheckSpec, Feed, GreenColumn, IndexSpec, MigrationSpec, ViewSpec
 
 Conn = psycopg.Connection[Any]
 LOCK_CLASS = 0x6267  # "bg": the first key of every bgsync advisory lock
@@ -101,6 +101,7 @@ def spec_from_json(data: dict[str, Any]) -> MigrationSpec:
     fields["indexes"] = [IndexSpec(**i) for i in fields["indexes"]]
     fields["checks"] = [CheckSpec(**c) for c in fields["checks"]]
     fields["feeds"] = [Feed(**f) for f in fields.get("feeds", [])]
+    fields["views"] = [ViewSpec(QualifiedName(**v["name"]), v["query"]) for v in fields.get("views", [])]
     fields["grants"] = [tuple(g) for g in fields["grants"]]
     return MigrationSpec(**fields)
 

@@ -83,16 +83,43 @@ class Column(_Strict):
 
 
 class Index(_Strict):
-    """A secondary index on green, built CONCURRENTLY after the backfill."""
+    """A secondary index on green, built CONCURRENTLY after the backfill: either `columns` (with
+    `unique` and `where`), or `definition`, the text that follows `ON <table>` in CREATE INDEX, for what
+    the structured form cannot say (method, opclass, collation, expressions, INCLUDE, NULLS NOT DISTINCT)."""
 
-    columns: list[PlainName] = Field(min_length=1)
+    columns: list[PlainName] | None = Field(default=None, min_length=1)
+    definition: Expression | None = Field(
+        default=None, description='What follows `ON <table>` in CREATE INDEX, e.g. "USING gist (fulltext)".')
     unique: bool = False
     where: Expression | None = None
     name: PlainName | None = Field(default=None, description="Index name; default: derived from the columns.")
 
-    _names = field_validator("columns")(lambda v: [_plain_name(c) for c in v])
+    _names = field_validator("columns")(lambda v: None if v is None else [_plain_name(c) for c in v])
     _where = field_validator("where")(lambda v: None if v is None else _expression(v))
     _name = field_validator("name")(lambda v: None if v is None else _plain_name(v))
+    _definition = field_validator("definition")(lambda v: None if v is None else _expression(v))
+
+    @model_validator(mode="after")
+    def _one_form(self) -> Index:
+        if (self.columns is None) == (self.definition is None):
+            raise ValueError("give either `columns` or `definition`")
+        if self.definition is not None and self.where is not None:
+            raise ValueError("`where` goes inside `definition` (WHERE ...)")
+        return self
+
+
+class ViewQuery(_Strict):
+    """The query a dependent view or materialized view has after cutover (its original comes back
+    at rollback)."""
+
+    name: str = Field(description="The view, as regclass reads it: schema.view.")
+    query: Expression = Field(description="Its SELECT after cutover, written against the live name.")
+
+    @field_validator("name")
+    @classmethod
+    def _qualified(cls, value: str) -> str:
+        parse_qualified_name(value)
+        return value
 
 
 class Check(_Strict):
@@ -143,6 +170,8 @@ class Plan(_Strict):
     backfill: Backfill = Field(default_factory=Backfill)
     verify: Verify = Field(default_factory=Verify)
     cutover: Cutover = Field(default_factory=Cutover)
+    views: list[ViewQuery] = Field(
+        default_factory=list, description="Replacement queries for dependent views that cannot read green as they are.")
 
     @field_validator("source", "target")
     @classmethod
@@ -164,9 +193,18 @@ class Plan(_Strict):
             if k not in seen:
                 problems.append(f"key[{i}]: {k!r} is not a green column")
         for i, index in enumerate(self.indexes):
-            for j, col in enumerate(index.columns):
+            for j, col in enumerate(index.columns or []):
                 if col not in seen:
                     problems.append(f"indexes[{i}].columns[{j}]: {col!r} is not a green column")
+        named: set[str] = set()
+        for i, ix in enumerate(self.indexes):
+            if ix.name and ix.name in named:
+                problems.append(f"indexes[{i}].name: duplicate index name {ix.name!r}")
+            named.add(ix.name or "")
+        view_names = [v.name for v in self.views]
+        for i, name in enumerate(view_names):
+            if view_names.index(name) != i:
+                problems.append(f"views[{i}].name: {name!r} is given twice")
         check_names = [c.name for c in self.checks]
         for i, name in enumerate(check_names):
             if check_names.index(name) != i:

@@ -34,6 +34,7 @@ class GreenColumn:
     reverse_column: str | None   # blue column fed after cutover
     reverse_expr: str | None     # SQL over a green row
     generated: str | None = None   # green's generation expression (inherited): computed, never written
+    shared_sequence: str | None = None  # blue's sequence, also drawn by other tables: green uses it too
     default_inherited: bool = False
     reverse_origin: str = ""       # explicit | column | cast | null
 
@@ -49,6 +50,15 @@ class IndexSpec:
     columns: list[str]
     unique: bool
     where: str | None
+    definition: str | None = None    # what follows `ON <table>` in CREATE INDEX (method, opclass, ...)
+
+
+@dataclass(frozen=True)
+class ViewSpec:
+    """A dependent view's query after cutover, from the plan."""
+
+    name: QualifiedName
+    query: str
 
 
 @dataclass(frozen=True)
@@ -91,6 +101,7 @@ class MigrationSpec:
     blue_generated: list[str] = field(default_factory=list)
     blue_identity_always: list[str] = field(default_factory=list)
     feeds: list[Feed] = field(default_factory=list)
+    views: list[ViewSpec] = field(default_factory=list)
 
     @property
     def integer_key(self) -> bool:
@@ -219,12 +230,15 @@ def build_spec(plan: Plan, blue: TableInfo, state_schema: str = DEFAULT_STATE_SC
 
         # A green column that reads its same-named blue column keeps that column's default.
         default, identity, sequence, blue_sequence, generated = col.default, "", None, None, None
+        shared_sequence: str | None = None
         inherited = same_named if col.name in reads else None
         if col.default is None and inherited is not None:
             if inherited.generated and cast == col.name:
                 generated = inherited.default
             elif inherited.identity:
                 identity = inherited.identity
+            elif inherited.owned_sequence and inherited.sequence_shared:
+                default, shared_sequence = inherited.default, inherited.owned_sequence
             elif inherited.owned_sequence and inherited.default and "nextval(" in inherited.default:
                 sequence = fit_name(f"{green.name}_{col.name}", "_seq")
                 blue_sequence = inherited.owned_sequence
@@ -247,7 +261,7 @@ def build_spec(plan: Plan, blue: TableInfo, state_schema: str = DEFAULT_STATE_SC
         columns.append(GreenColumn(
             name=col.name, type=col.type, not_null=col.not_null, source_expr=source_expr, default=default,
             identity=identity, sequence=sequence, blue_sequence=blue_sequence, reverse_column=None,
-            reverse_expr=None, generated=generated,
+            reverse_expr=None, generated=generated, shared_sequence=shared_sequence,
             default_inherited=col.default is None and default is not None and inherited is not None))
 
     # Each blue column is fed by at most one green column: explicit reverses first, then unchanged
@@ -339,9 +353,13 @@ def build_spec(plan: Plan, blue: TableInfo, state_schema: str = DEFAULT_STATE_SC
     key_columns = [c for c in (blue.column(k) for k in blue_key) if c is not None]
 
     indexes = [
-        IndexSpec(name=ix.name or fit_name(f"{green.name}_{'_'.join(ix.columns)}", "_idx"),
-                  columns=list(ix.columns), unique=ix.unique, where=ix.where)
-        for ix in plan.indexes]
+        IndexSpec(name=ix.name or fit_name(f"{green.name}_{'_'.join(ix.columns or [str(i)])}", "_idx"),
+                  columns=list(ix.columns or []), unique=ix.unique, where=ix.where, definition=ix.definition)
+        for i, ix in enumerate(plan.indexes)]
+    views: list[ViewSpec] = []
+    for view in plan.views:
+        schema, name = parse_qualified_name(view.name)
+        views.append(ViewSpec(QualifiedName(schema or blue.name.schema, name), view.query))
     checks = [CheckSpec(c.name, c.expression) for c in plan.checks]
     search_path = list(dict.fromkeys(["pg_catalog", blue.name.schema, "public", "pg_temp"]))
     if problems:
@@ -358,7 +376,7 @@ def build_spec(plan: Plan, blue: TableInfo, state_schema: str = DEFAULT_STATE_SC
         blue_key_collations=[c.collation for c in key_columns], settings=dict(settings or {}),
         blue_generated=blue.generated_columns(),
         blue_identity_always=[c.name for c in blue.columns if c.identity == "a" and c.name in written_back],
-        feeds=feeds)
+        feeds=feeds, views=views)
     return spec, []
 
 

@@ -19,6 +19,7 @@ WORDS: dict[str | None, str] = {
     "cut_over": "cut over",
     "reverted": "rolled back after cutover",
     "rolled_back": "rolled back (green dropped)",
+    "finalizing": "being finalized (the reverse sync is gone; the retired table is not dropped yet)",
     "finalized": "finalized",
 }
 
@@ -33,6 +34,7 @@ NEXT: dict[str | None, str | None] = {
     "cut_over": "finalize",
     "reverted": "verify",
     "rolled_back": "prepare",
+    "finalizing": "finalize",
     "finalized": None,
 }
 

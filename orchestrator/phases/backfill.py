@@ -24,11 +24,12 @@ from psycopg import errors as pgerrors
 from psycopg import sql
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from orchestrator import db, log
+from orchestrator import catalog, db, log, surroundings
 from orchestrator.catalog import INTEGER_TYPES
 from orchestrator.errors import DatabaseError, Interrupted
 from orchestrator.executor import Executor, Statement, Unit
 from orchestrator.journal import LOCK_CLASS, green_written_statement, phase_statement, session_pin_statement
+from orchestrator.phases.keys import keys_units
 from orchestrator.render import render, render_steps
 from orchestrator.spec import MigrationSpec
 
@@ -43,6 +44,8 @@ class Settings:
     workers: int
     batch_rows: int
     max_rows_per_second: float
+    lock_timeout: str = "2s"     # for the short locks that add green's foreign keys
+    attempts: int = 10
 
 
 def _statement(template: str, **context: Any) -> Statement:
@@ -373,11 +376,31 @@ def run(conn: Conn, dsn: str, spec: MigrationSpec, settings: Settings) -> None:
         # CONCURRENTLY waits for older transactions; those waits block no writer, so no timeout here.
         build_indexes(index_conn, Executor(index_conn, dry_run=False, migration=spec.name,
                                            state_schema=spec.state_schema), spec)
+    for unit in finish_units(conn, spec, settings):
+        executor.run(unit)
     executor.run(Unit(f"backfill {spec.name} complete",
                       [phase_statement(spec, "backfilled"), green_written_statement(spec)], phase="backfill"))
     elapsed = time.monotonic() - started
     log.success(f"backfilled {spec.name}: {copied_total:,} rows in green; this run copied {shared.copied:,} rows "
                 f"in {elapsed:.1f}s ({shared.copied / max(elapsed, 1e-6):,.0f} rows/s)")
+
+
+def finish_units(conn: Conn, spec: MigrationSpec, settings: Settings) -> list[Unit]:
+    """After the copy and the indexes: green takes blue's foreign keys (and twins of the inbound ones),
+    blue's replica identity index, and fresh statistics."""
+    units = keys_units(conn, spec, settings.lock_timeout, settings.attempts, "backfill")
+    replica = None
+    blue_oid = catalog.regclass_oid(conn, str(spec.blue))
+    if blue_oid is not None:
+        definition = surroundings.table_properties(conn, blue_oid).replica_index
+        replica = next((ix.name for ix in catalog.index_names(conn, str(spec.green))
+                        if definition and ix.definition == definition), None)
+    steps = render_steps("backfill_finish.sql.j2", spec=spec, replica_index=replica)
+    units.append(Unit(f"backfill {spec.name}: green's replica identity and statistics",
+                      [Statement(d, s) for d, s in steps], atomic=False, lock_timeout=settings.lock_timeout,
+                      phase="backfill"))
+    conn.rollback()     # the catalog reads above end here: each unit runs in its own transaction
+    return units
 
 
 def index_units(conn: Conn | None, spec: MigrationSpec) -> list[Unit]:

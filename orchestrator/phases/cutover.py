@@ -1,42 +1,46 @@
 """cutover: flip the live name to green in one short transaction under lock_timeout, with bounded
-retries; sequences, index names, dependent views and inbound foreign keys follow; reverse sync
-keeps blue current so rollback is instant and loses nothing.
+retries; sequences, index names, views, materialized views, functions, user triggers, row-level
+security, publications and inbound foreign keys follow; reverse sync keeps blue current so rollback
+is instant and loses nothing.
 
 Green's shape (its key, indexes and own sequences) comes from the plan, not from green's catalog,
 so the cutover's SQL can be printed before prepare has created green; what a real run reads from
-the catalog (blue's index and sequence names, dependent views, inbound foreign keys, the name
-PostgreSQL gives an identity column's sequence) is read when it runs, and marked in the SQL."""
+the catalog (blue's index and sequence names, what surrounds blue, the name PostgreSQL gives an
+identity column's sequence) is read when it runs, and marked in the SQL. Everything a rollback must
+put back is recorded in the journal with the cutover."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import psycopg
 
-from orchestrator import catalog
-from orchestrator.catalog import ForeignKey, IndexName, ViewDef
+from orchestrator import catalog, surroundings
+from orchestrator.catalog import IndexName, ViewDef
 from orchestrator.errors import GateRefused
 from orchestrator.executor import Statement, Unit
 from orchestrator.names import NAMEDATALEN_BYTES, QualifiedName
+from orchestrator.phases.keys import keys_units
 from orchestrator.render import render_steps
+from orchestrator.rewrite import on_relation, retarget
 from orchestrator.spec import GreenColumn, MigrationSpec, fit_name, forward_sync, reverse_sync
+from orchestrator.surroundings import FunctionDef, Membership, PolicyDef, RowSecurity, TriggerDef
 
 Conn = psycopg.Connection[Any]
 
 
 @dataclass
 class Rename:
-    kind: str          # table | index | constraint | sequence | view
+    kind: str          # table | index | constraint | sequence | view | matview
     schema: str
     old: str
     new: str
     table: str = ""    # for constraints: the table's name when the rename runs
 
     def inverse(self) -> Rename:
-        table = self.table
-        return Rename(self.kind, self.schema, self.new, self.old, table)
+        return Rename(self.kind, self.schema, self.new, self.old, self.table)
 
 
 class FreeNames:
@@ -55,10 +59,8 @@ class FreeNames:
         return candidate
 
 
-def _retired_index_name(index: str, blue: str, retired: str) -> tuple[str, str]:
-    if index.startswith(blue):
-        return retired + index[len(blue):], ""
-    return f"{retired}_{index}", ""
+def _retired_index_name(index: str, blue: str, retired: str) -> str:
+    return retired + index[len(blue):] if index.startswith(blue) else f"{retired}_{index}"
 
 
 def _object_name(name1: str, name2: str, label: str) -> str:
@@ -105,7 +107,8 @@ def green_sequence(conn: Conn, spec: MigrationSpec, col: GreenColumn) -> Qualifi
 def green_indexes(spec: MigrationSpec) -> list[IndexName]:
     """Green's indexes as prepare and the backfill create them from the plan: its key, then the deferred ones."""
     key = IndexName(spec.primary_key_name, tuple(spec.green_key), True, True, True)
-    return [key, *(IndexName(ix.name, tuple(ix.columns), ix.unique, False, False) for ix in spec.indexes)]
+    return [key, *(IndexName(ix.name, tuple(ix.columns), ix.unique, False, False, ix.definition or "")
+                   for ix in spec.indexes)]
 
 
 def green_names(conn: Conn, spec: MigrationSpec) -> set[tuple[str, str]]:
@@ -133,27 +136,112 @@ def sequence_pairs(conn: Conn, spec: MigrationSpec, source: QualifiedName, targe
     return pairs
 
 
-def fk_columns(spec: MigrationSpec, fks: list[ForeignKey], *, to_green: bool) -> dict[str, list[str]]:
-    """Referenced columns renamed through the plan's unchanged copies (blue column <-> green column)."""
-    green_of = {c.reverse_column: c.name for c in spec.columns
-                if c.reverse_column is not None and c.reverse_expr is not None and c.source_expr is not None}
-    blue_of = {g: b for b, g in green_of.items()}
-    mapping = green_of if to_green else blue_of
-    out: dict[str, list[str]] = {}
-    for fk in fks:
-        missing = [c for c in fk.referenced_columns if c not in mapping]
-        if missing:
-            raise GateRefused(f"foreign key {fk.name} of {fk.table.display()} references {missing}, which "
-                              f"green does not copy unchanged; drop or adjust it before cutover")
-        out[fk.name] = [mapping[c] for c in fk.referenced_columns]
+def copied_unchanged(spec: MigrationSpec) -> dict[str, str]:
+    """blue column -> the green column that copies it unchanged (or cast): the names a foreign key, a
+    publication's column list or a comment follows."""
+    out: dict[str, str] = {}
+    for col in spec.columns:
+        if col.reverse_column is not None and col.reverse_origin in ("column", "cast"):
+            out[col.reverse_column] = col.name
     return out
 
 
-def _refuse_materialized(views: list[ViewDef]) -> None:
-    materialized = [v.name.display() for v in views if v.kind == "m"]
-    if materialized:
-        raise GateRefused(f"materialized view(s) {', '.join(materialized)} read the live table and cannot be "
-                          f"re-pointed in place; drop them before cutover and re-create them after")
+# -- what surrounds the table ---------------------------------------------------------------------
+@dataclass
+class MatviewSwap:
+    """A materialized view over blue: a populated copy over green is built before the lock and swapped
+    in by rename inside it; the old one is kept (renamed) for a rollback and dropped by finalize."""
+
+    name: QualifiedName
+    copy: str
+    retired: str
+    query: str                                   # the copy's query, over green
+    indexes: list[list[Any]] = field(default_factory=list)   # [name, definition, unique, copy name, retired name]
+
+
+@dataclass
+class Surround:
+    """Everything around blue that follows the live name, as it was on blue (what rollback restores)."""
+
+    views: list[ViewDef] = field(default_factory=list)
+    functions: list[FunctionDef] = field(default_factory=list)
+    triggers: list[TriggerDef] = field(default_factory=list)
+    rls: RowSecurity = field(default_factory=lambda: RowSecurity(False, False, []))
+    publications: list[Membership] = field(default_factory=list)
+    matviews: list[MatviewSwap] = field(default_factory=list)
+
+    @property
+    def plain_views(self) -> list[ViewDef]:
+        return [v for v in self.views if v.kind == "v"]
+
+
+def read_surround(conn: Conn, spec: MigrationSpec, free: FreeNames) -> Surround:
+    oid = catalog.regclass_oid(conn, str(spec.blue))
+    if oid is None:
+        return Surround()
+    views = catalog.dependent_views(conn, str(spec.blue))
+    queries = view_queries(spec, views)
+    matviews = []
+    for view in views:
+        if view.kind != "m":
+            continue
+        if spec.blue not in view.reads:
+            raise GateRefused(f"materialized view {view.name.display()} reads the table through another view; "
+                              f"bgsync re-creates materialized views that read the table directly: drop it "
+                              f"before cutover and re-create it after")
+        schema = view.name.schema
+        copy = free.get(schema, view.name.name, "_bgsync_new")
+        retired = free.get(schema, view.name.name, "_bgsync_old")
+        query = retarget(queries[str(view.name)], {spec.blue: spec.green})
+        indexes = [[name, definition, unique, free.get(schema, name, "_bgsync_new"),
+                    free.get(schema, name, "_bgsync_old")] for name, definition, unique in view.indexes]
+        matviews.append(MatviewSwap(view.name, copy, retired, query, indexes))
+    return Surround(views=views, functions=surroundings.dependent_functions(conn, oid),
+                    triggers=surroundings.user_triggers(conn, oid), rls=surroundings.row_security(conn, oid),
+                    publications=surroundings.publications(conn, oid), matviews=matviews)
+
+
+def view_queries(spec: MigrationSpec, views: list[ViewDef]) -> dict[str, str]:
+    """Each dependent view's query after cutover: the plan's, else its own definition."""
+    given = {str(v.name): v.query for v in spec.views}
+    return {str(v.name): given.get(str(v.name), v.definition).strip().rstrip(";") for v in views}
+
+
+def surround_to_json(surround: Surround) -> dict[str, Any]:
+    return asdict(surround)
+
+
+def surround_from_json(data: dict[str, Any] | None) -> Surround:
+    if not data:
+        return Surround()
+
+    def qn(d: dict[str, str]) -> QualifiedName:
+        return QualifiedName(d["schema"], d["name"])
+
+    views = [ViewDef(**{**v, "name": qn(v["name"]), "grants": [tuple(g) for g in v["grants"]],
+                        "indexes": [tuple(i) for i in v["indexes"]], "reads": [qn(r) for r in v["reads"]]})
+             for v in data.get("views", [])]
+    functions = [FunctionDef(**{**f, "acl": None if f["acl"] is None else [tuple(g) for g in f["acl"]]})
+                 for f in data.get("functions", [])]
+    rls = data.get("rls") or {"enabled": False, "forced": False, "policies": []}
+    return Surround(
+        views=views, functions=functions, triggers=[TriggerDef(**t) for t in data.get("triggers", [])],
+        rls=RowSecurity(rls["enabled"], rls["forced"], [PolicyDef(**p) for p in rls["policies"]]),
+        publications=[Membership(**m) for m in data.get("publications", [])],
+        matviews=[MatviewSwap(**{**m, "name": qn(m["name"])}) for m in data.get("matviews", [])])
+
+
+def view_columns_kept(view: ViewDef, query: str) -> ViewDef:
+    """A view whose query the plan replaces keeps the comments and defaults of the columns it still has."""
+    if query.strip().rstrip(";") == view.definition.strip().rstrip(";"):
+        return view
+    from orchestrator.expressions import output_names
+
+    kept = output_names(query)
+    return ViewDef(view.name, view.definition, view.options, view.kind, view.owner, view.grants, view.comment,
+                   {c: t for c, t in view.column_comments.items() if c in kept},
+                   {c: d for c, d in view.column_defaults.items() if c in kept}, view.triggers, view.indexes,
+                   view.reads)
 
 
 @dataclass
@@ -163,28 +251,26 @@ class Flip:
     mode: str
     live: QualifiedName                 # the table the application writes after the flip
     views: list[ViewDef]
-    fks: list[ForeignKey]
-    fk_columns: dict[str, list[str]]    # inbound foreign key -> green columns it references
     sequences: list[dict[str, Any]]     # from_seq (blue's), to_seq (green's), column, table
     renames: list[Rename]
+    surround: Surround = field(default_factory=Surround)
+    queries: dict[str, str] = field(default_factory=dict)
 
     @property
     def record(self) -> dict[str, Any]:
-        """What the journal keeps, so that rollback undoes exactly these renames."""
-        return {"mode": self.mode, "renames": [asdict(r) for r in self.renames]}
+        """What the journal keeps, so that rollback undoes exactly this flip."""
+        return {"mode": self.mode, "renames": [asdict(r) for r in self.renames],
+                "surround": surround_to_json(self.surround)}
 
 
 def plan_flip(conn: Conn, spec: MigrationSpec, mode: str) -> Flip:
-    """The renames, sequence moves, views and foreign keys of a cutover, the same before prepare (green
-    predicted from the plan) as when it runs."""
+    """The renames, sequence moves, views, foreign keys and everything else a cutover moves, the same
+    before prepare (green predicted from the plan) as when it runs."""
     blue, green, retired = spec.blue, spec.green, spec.retired
     if mode == "rename" and green.schema != blue.schema:
         raise GateRefused(f"rename cutover needs green in blue's schema {blue.schema!r}; use cutover.mode: view")
-    views = catalog.dependent_views(conn, str(blue))
-    _refuse_materialized(views)
-    fks = catalog.inbound_foreign_keys(conn, str(blue))
-    columns = fk_columns(spec, fks, to_green=True)
     free = FreeNames(conn, reserved=green_names(conn, spec))
+    surround = read_surround(conn, spec, free)
     renames: list[Rename] = []
     sequences: list[dict[str, Any]] = []
     for col in spec.columns:
@@ -200,20 +286,25 @@ def plan_flip(conn: Conn, spec: MigrationSpec, mode: str) -> Flip:
                                                                       "_seq")))
         if g.schema == b.schema:
             renames.append(Rename("sequence", g.schema, g.name, b.name))
+    for mv in surround.matviews:
+        schema = mv.name.schema
+        renames.append(Rename("matview", schema, mv.name.name, mv.retired))
+        renames += [Rename("index", schema, ix[0], ix[4]) for ix in mv.indexes]
+        renames.append(Rename("matview", schema, mv.copy, mv.name.name))
+        renames += [Rename("index", schema, ix[3], ix[0]) for ix in mv.indexes]
     if mode == "rename":
         blue_indexes = catalog.index_names(conn, str(blue))
         for ix in blue_indexes:
-            base, _ = _retired_index_name(ix.name, blue.name, retired.name)
-            new = free.get(blue.schema, base)
-            renames.append(Rename("constraint" if ix.constraint else "index", blue.schema, ix.name, new,
-                                  blue.name))
+            new = free.get(blue.schema, _retired_index_name(ix.name, blue.name, retired.name))
+            renames.append(Rename("constraint" if ix.constraint else "index", blue.schema, ix.name, new, blue.name))
         renames.append(Rename("table", blue.schema, blue.name, retired.name))
         renames.append(Rename("table", green.schema, green.name, blue.name))
         for gx in green_indexes(spec):
             match = next((bx for bx in blue_indexes
                           if (bx.primary and gx.primary)
-                          or (not bx.primary and not gx.primary and bx.columns == gx.columns
-                              and bx.unique == gx.unique)), None)
+                          or (not bx.primary and not gx.primary and bx.unique == gx.unique
+                              and ((gx.definition and bx.definition == gx.definition)
+                                   or (not gx.definition and bx.columns == gx.columns)))), None)
             if match is not None:
                 blue_indexes.remove(match)
                 renames.append(Rename("constraint" if gx.constraint else "index", green.schema, gx.name,
@@ -222,29 +313,55 @@ def plan_flip(conn: Conn, spec: MigrationSpec, mode: str) -> Flip:
     else:
         renames.append(Rename("table", blue.schema, blue.name, retired.name))
         live = green
-    return Flip(mode=mode, live=live, views=views, fks=fks, fk_columns=columns, sequences=sequences,
-                renames=renames)
+    return Flip(mode=mode, live=live, views=surround.views, sequences=sequences, renames=renames,
+                surround=surround, queries=view_queries(spec, surround.views))
+
+
+def trigger_statements(triggers: list[TriggerDef], table: QualifiedName) -> list[TriggerDef]:
+    """User triggers moved onto `table` (the definition's ON clause rewritten by the parser)."""
+    return [TriggerDef(t.name, on_relation(t.definition, table), t.enabled, t.comment) for t in triggers]
+
+
+def publication_columns(spec: MigrationSpec, memberships: list[Membership], *, to_green: bool) -> list[Membership]:
+    mapping = copied_unchanged(spec)
+    if not to_green:
+        mapping = {g: b for b, g in mapping.items()}
+    return [Membership(m.publication, None if m.columns is None else [mapping.get(c, c) for c in m.columns],
+                       m.row_filter) for m in memberships]
 
 
 def cutover_units(conn: Conn, spec: MigrationSpec, mode: str, lock_timeout: str, attempts: int,
-                  current_user: str) -> tuple[Unit, list[ForeignKey]]:
+                  current_user: str) -> tuple[list[Unit], Unit]:
+    """(units before the lock: foreign keys green still lacks, green analyzed, the materialized views'
+    copies), then the flip itself."""
     flip = plan_flip(conn, spec, mode)
+    surround = flip.surround
+    lock = [spec.blue, spec.green, *(v.name for v in surround.plain_views)]
     steps = render_steps(
         "cutover.sql.j2", spec=spec, spec_mode=mode, forward=forward_sync(spec),
-        reverse=reverse_sync(spec, flip.live), sequences=flip.sequences, renames=flip.renames, views=flip.views,
-        fks=flip.fks, fk_target=flip.live, fk_columns=flip.fk_columns, view_columns=[c.name for c in spec.columns],
-        current_user=current_user, record=json.dumps(flip.record))
+        reverse=reverse_sync(spec, flip.live), sequences=flip.sequences, renames=flip.renames,
+        views=surround.plain_views, fk_target=flip.live,
+        view_columns=[c.name for c in spec.columns], current_user=current_user, record=json.dumps(flip.record),
+        lock_relations=list(dict.fromkeys(lock)), lock_timeout=lock_timeout,
+        create_views=[view_columns_kept(v, flip.queries[str(v.name)]) for v in surround.plain_views],
+        queries=flip.queries, functions=surround.functions, drop_triggers=surround.triggers,
+        trigger_source=spec.blue, create_triggers=trigger_statements(surround.triggers, flip.live),
+        rls=surround.rls, rls_table=flip.live, publications=surround.publications, publication_source=spec.blue,
+        add_publications=publication_columns(spec, surround.publications, to_green=True),
+        shared_sequences=[(c.shared_sequence, c.name) for c in spec.columns if c.shared_sequence])
     statements = [Statement(d, s) for d, s in steps]
     statements[-1] = Statement(statements[-1].description, statements[-1].sql,
                                expect_rows=f"cutover {spec.name} refused: the migration is no longer verified")
     unit = Unit(f"cutover {spec.name}: {spec.blue.display()} becomes green ({mode} mode)", statements,
                 lock_timeout=lock_timeout, attempts=attempts, phase="cutover")
-    return unit, flip.fks
+    before = keys_units(conn, spec, lock_timeout, attempts, "cutover")
+    before.append(Unit(f"cutover {spec.name}: green analyzed and materialized views copied over green before the lock",
+                       [Statement(d, s) for d, s in render_steps(
+                           "cutover_prepare.sql.j2", spec=spec, matviews=surround.matviews,
+                           views={str(v.name): v for v in surround.views}, current_user=current_user)],
+                       atomic=False, phase="cutover"))
+    return before, unit
 
 
-def validate_fk_unit(spec: MigrationSpec, fks: list[ForeignKey], phase: str) -> Unit | None:
-    if not fks:
-        return None
-    steps = render_steps("validate_fks.sql.j2", fks=fks)
-    return Unit(f"{phase} {spec.name}: validate re-pointed foreign keys", [Statement(d, s) for d, s in steps],
-                atomic=False, phase=phase)
+def server_version(conn: Conn) -> int:
+    return int(conn.info.server_version)

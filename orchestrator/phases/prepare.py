@@ -6,12 +6,15 @@ import json
 
 from orchestrator.executor import Statement, Unit
 from orchestrator.journal import journal_unit, spec_to_json
+from orchestrator.phases.keys import green_of
 from orchestrator.plan import Plan
 from orchestrator.render import render_steps
 from orchestrator.spec import MigrationSpec, forward_sync
+from orchestrator.surroundings import TableProperties
 
 
-def prepare_units(plan: Plan, spec: MigrationSpec, current_user: str, plan_text: str | None = None) -> list[Unit]:
+def prepare_units(plan: Plan, spec: MigrationSpec, current_user: str, plan_text: str | None = None,
+                  properties: TableProperties | None = None) -> list[Unit]:
     """The journal, green, the triggers and the journal row in one transaction under lock_timeout
     retries: a prepare that fails or is killed leaves nothing behind. `plan_text`, the plan file as
     its author wrote it, is recorded for `bgsync plan show`."""
@@ -21,7 +24,7 @@ def prepare_units(plan: Plan, spec: MigrationSpec, current_user: str, plan_text:
     statements = list(journal_unit(spec.state_schema).statements)
     statements += [Statement(d, s) for d, s in render_steps(
         "prepare.sql.j2", spec=spec, current_user=current_user, sync=forward_sync(spec), title="forward sync",
-        sequence_grantees=sequence_grantees)]
+        sequence_grantees=sequence_grantees, props=properties or TableProperties(), green_of=green_of(spec))]
     statements += [Statement(d, s + "\nRETURNING name",
                              expect_rows=f"migration {spec.name} is already registered and active; see `bgsync status`")
                    for d, s in render_steps(

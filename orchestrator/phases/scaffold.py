@@ -11,8 +11,13 @@ import yaml
 from orchestrator import catalog, origin
 from orchestrator.errors import UsageError
 from orchestrator.names import QualifiedName, parse_qualified_name
+from orchestrator.spec import fit_name
 
 Conn = psycopg.Connection[Any]
+
+
+def plan_target_name(info: catalog.TableInfo) -> str:
+    return f"{info.name.name}_v2"
 
 
 def plan_yaml(conn: Conn, table: str) -> str:
@@ -43,20 +48,12 @@ def plan_yaml(conn: Conn, table: str) -> str:
             entry["not_null"] = True
         columns.append(entry)
     indexes = []
-    for row in conn.execute(
-            """SELECT ARRAY(SELECT a.attname FROM unnest(i.indkey::int2[]) WITH ORDINALITY k(n, o)
-                              JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.n
-                             ORDER BY k.o)::text[],
-                      i.indisunique, pg_get_expr(i.indpred, i.indrelid)
-                 FROM pg_index i
-                WHERE i.indrelid = %s AND NOT i.indisprimary AND i.indexprs IS NULL
-                ORDER BY i.indexrelid""", [oid]):
-        index: dict[str, Any] = {"columns": list(row[0])}
-        if row[1]:
-            index["unique"] = True
-        if row[2]:
-            index["where"] = row[2]
-        indexes.append(index)
+    for index in catalog.secondary_indexes(conn, oid):
+        entry_index: dict[str, Any] = {"name": fit_name(f"{plan_target_name(info)}_{index.name}", ""),
+                                       "definition": index.definition}
+        if index.unique:
+            entry_index["unique"] = True
+        indexes.append(entry_index)
     checks = [{"name": r[0], "expression": r[1]} for r in conn.execute(
         """SELECT conname, regexp_replace(pg_get_constraintdef(oid), '^CHECK \\((.*)\\)( NOT VALID)?$', '\\1')
              FROM pg_constraint WHERE conrelid = %s AND contype = 'c' ORDER BY conname""", [oid])]

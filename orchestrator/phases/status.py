@@ -26,6 +26,8 @@ def expected_objects(spec: MigrationSpec, phase: str, mode: str) -> tuple[dict[s
         live = spec.blue if mode == "rename" else spec.green
         reverse = reverse_sync(spec, live)
         return {reverse.source.display(): list(reverse.triggers.values())}, [str(live), str(spec.retired)]
+    if phase == "finalizing":
+        return {}, [str(spec.blue if mode == "rename" else spec.green)]
     return {}, []
 
 

@@ -9,14 +9,26 @@ from typing import Any
 
 import psycopg
 
-from orchestrator import catalog, origin
+from orchestrator import catalog, origin, surroundings
 from orchestrator.catalog import Dependent, TableInfo
-from orchestrator.errors import DatabaseError, PlanError
+from orchestrator.errors import DatabaseError, GateRefused, PlanError
+from orchestrator.expressions import column_refs
 from orchestrator.journal import MigrationRow, get_migration
-from orchestrator.names import QualifiedName, quote_ident
+from orchestrator.names import QualifiedName, parse_qualified_name, quote_ident
+from orchestrator.phases.cutover import (
+    FreeNames,
+    Surround,
+    publication_columns,
+    read_surround,
+    view_columns_kept,
+    view_queries,
+)
+from orchestrator.phases.keys import green_of, keys_problems
 from orchestrator.plan import Plan
 from orchestrator.render import render_steps
+from orchestrator.rewrite import index_statement, on_relation, retarget
 from orchestrator.spec import PINNED_SETTINGS, GreenColumn, MigrationSpec, build_spec, forward_sync, reverse_sync
+from orchestrator.surroundings import RowSecurity, TableProperties
 
 Conn = psycopg.Connection[Any]
 RELKINDS = {"v": "view", "m": "materialized view", "p": "partitioned table", "f": "foreign table",
@@ -37,6 +49,7 @@ class Validation:
     dependents: list[Dependent]
     migration: MigrationRow | None
     notes: list[str] = field(default_factory=list)
+    properties: TableProperties = field(default_factory=TableProperties)
 
 
 @dataclass
@@ -79,11 +92,65 @@ def validate_live(conn: Conn, plan: Plan, state_schema: str) -> Validation:
     if problems:
         raise PlanError(problems)
     spec = _settle(conn, spec, probe)
-    rehearsal = rehearse_sync(conn, plan, spec, blue)
-    if rehearsal:
-        raise PlanError(rehearsal)
-    return Validation(plan=plan, blue=blue, spec=spec, dependents=catalog.dependents(conn, oid),
-                      migration=migration, notes=probe.notes)
+    properties = surroundings.table_properties(conn, oid)
+    try:
+        surround = read_surround(conn, spec, FreeNames(conn))
+    except GateRefused as refusal:
+        raise PlanError([f"views: {refusal}"]) from None
+    problems = keys_problems(conn, spec, oid)
+    problems += [f"types: {t} is built on the table's row type; bgsync cannot move it: drop it first"
+                 for t in surroundings.dependent_types(conn, oid)]
+    problems += rehearse(conn, plan, spec, blue, properties, surround)
+    if problems:
+        raise PlanError(problems)
+    return Validation(plan=plan, blue=blue, spec=spec, dependents=dependents(conn, spec, oid, surround),
+                      migration=migration, notes=probe.notes, properties=properties)
+
+
+def dependents(conn: Conn, spec: MigrationSpec, oid: int, surround: Surround) -> list[Dependent]:
+    """Every object that depends on or attaches to blue, with what bgsync does about it."""
+    found: list[Dependent] = []
+    given = {v.name for v in spec.views}
+    for view in surround.views:
+        query = " with the plan's query" if view.name in given else ""
+        if view.kind == "m":
+            found.append(Dependent("materialized view", view.name.display(),
+                                   f"a populated copy over green{query} is built before cutover and swapped in by "
+                                   f"rename (indexes, owner, grants, comment kept); the old one comes back at "
+                                   f"rollback and is dropped by finalize"))
+        else:
+            found.append(Dependent("view", view.name.display(),
+                                   f"re-created over the live table at cutover{query} (owner, grants, options, "
+                                   f"comments, column defaults, triggers kept); its own definition comes back at "
+                                   f"rollback"))
+    for function in surround.functions:
+        found.append(Dependent(function.kind.lower(), function.signature,
+                               f"{function.why}: re-created over the live table at cutover, as it was at rollback"))
+    for trigger in surround.triggers:
+        found.append(Dependent("trigger", trigger.name,
+                               "moves to the live table at cutover (it fires once per write), back at rollback"))
+    if surround.rls.enabled or surround.rls.policies:
+        for policy in surround.rls.policies:
+            found.append(Dependent("row security policy", policy.name,
+                                   "re-created on the live table at cutover (ENABLE/FORCE kept), removed at rollback"))
+    for membership in surround.publications:
+        found.append(Dependent("publication", membership.publication,
+                               "the live table takes blue's place in it at cutover, and gives it back at rollback"))
+    for (name,) in conn.execute("SELECT pubname FROM pg_publication WHERE puballtables ORDER BY 1"):
+        found.append(Dependent("publication", name, "FOR ALL TABLES: it publishes green too, already"))
+    for fk in catalog.inbound_foreign_keys(conn, str(spec.blue)):
+        found.append(Dependent("inbound foreign key", f"{fk.name} on {fk.table.display()}",
+                               "a twin referencing green is added after the backfill (NOT VALID, then validated); "
+                               "it takes over at finalize"))
+    for key in surroundings.outbound_keys(conn, oid):
+        found.append(Dependent("outbound foreign key", f"{key.name} -> {key.referenced.display()}",
+                               "added to green after the backfill (NOT VALID, then validated)"))
+    for col in spec.columns:
+        if col.shared_sequence:
+            found.append(Dependent("sequence", col.shared_sequence,
+                                   f"shared with another table: green's {col.name} draws from it too (no duplicate "
+                                   f"id); it belongs to the live table from cutover on"))
+    return found
 
 
 def _settle(conn: Conn, spec: MigrationSpec, probe: Probe) -> MigrationSpec:
@@ -225,12 +292,119 @@ def _functions_used(conn: Conn, cast: str, cast_type: str, reads: str) -> list[t
 
 
 # -- the sync, rehearsed on temporary tables --------------------------------------------------------
-def rehearse_sync(conn: Conn, plan: Plan, spec: MigrationSpec, blue: TableInfo) -> list[str]:
-    """Run the exact forward and reverse sync functions once, on temporary copies of blue and green
-    (a few of blue's rows), inside a transaction that is rolled back: a plan whose sync would make an
-    application's write fail is refused here, not discovered by the application."""
-    temp_blue = QualifiedName("pg_temp", "bgsync_rehearse_blue")
-    temp_green = QualifiedName("pg_temp", "bgsync_rehearse_green")
+TEMP_BLUE = QualifiedName("pg_temp", "bgsync_rehearse_blue")
+TEMP_GREEN = QualifiedName("pg_temp", "bgsync_rehearse_green")
+
+
+def rehearse(conn: Conn, plan: Plan, spec: MigrationSpec, blue: TableInfo, properties: TableProperties,
+             surround: Surround) -> list[str]:
+    """Rehearse prepare, the sync and the cutover against the real catalog inside a transaction that
+    is rolled back: green as a temporary table (with blue's properties), the exact forward and reverse
+    sync functions run once on a few of blue's rows, then every object that follows the live name is
+    re-created over that temporary green. A plan that would fail later for a reason visible now is
+    refused now, with the object named."""
+    problems: list[str] = []
+    with conn.transaction(force_rollback=True):
+        conn.execute("SELECT set_config('search_path', %s, true)",
+                     [", ".join(quote_ident(s) for s in spec.search_path)])
+        for description, text in sync_rehearsal(spec, blue, properties):
+            _, message = _guarded(conn, text)
+            if message is not None:
+                problems.append(f"sync: rehearsing {description} failed: {message}; the application's writes "
+                                f"would fail the same way")
+                return problems
+        problems += rehearse_surround(conn, spec, surround)
+    return problems
+
+
+def rehearse_surround(conn: Conn, spec: MigrationSpec, surround: Surround) -> list[str]:
+    """Each view, materialized view, function, trigger and policy re-created over the temporary green."""
+    problems: list[str] = []
+    queries = view_queries(spec, surround.views)
+    mapping = {spec.blue: TEMP_GREEN}
+    for i, view in enumerate(surround.views):
+        kind = "materialized view" if view.kind == "m" else "view"
+        given = any(v.name == view.name for v in spec.views)
+        temp = QualifiedName("pg_temp", f"bgsync_rehearse_view_{i}")
+        fix = ("check its query in the plan's `views`" if given else
+               f"give its query after cutover in the plan: views: [{{name: {view.name.display()}, query: ...}}]")
+        try:
+            text = retarget(queries[str(view.name)], mapping)
+        except Exception as error:     # pglast cannot read the query: PostgreSQL would say the same at cutover
+            problems.append(f"views: {kind} {view.name.display()}: its query cannot be read ({error}); {fix}")
+            continue
+        _, message = _guarded(conn, f"CREATE TEMPORARY VIEW {temp.ident().as_string(None)} AS {text}")
+        if message is not None:
+            problems.append(f"views: {kind} {view.name.display()} cannot be re-created over green: {message}; {fix}")
+            continue
+        mapping[view.name] = temp
+        kept = view_columns_kept(view, queries[str(view.name)])
+        for column, default in kept.column_defaults.items():
+            _, message = _guarded(conn, f"ALTER VIEW {temp.ident().as_string(None)} ALTER COLUMN "
+                                        f"{quote_ident(column)} SET DEFAULT {default}")
+            if message is not None:
+                problems.append(f"views: the default of column {column} of {kind} {view.name.display()} does not "
+                                f"fit its query over green: {message}; {fix}")
+        for view_trigger in view.triggers:
+            _, message = _guarded(conn, retarget(view_trigger, {view.name: temp}))
+            if message is not None:
+                problems.append(f"views: a trigger of {kind} {view.name.display()} cannot be re-created: {message}")
+        if view.kind == "m":
+            table = QualifiedName("pg_temp", f"bgsync_rehearse_matview_{i}")
+            _guarded(conn, f"CREATE TEMPORARY TABLE {table.ident().as_string(None)} AS {text} WITH NO DATA")
+            for name, definition, unique in view.indexes:
+                _, message = _guarded(conn, index_statement(f"bgsync_rehearse_{i}_{name}"[:63], table, definition,
+                                                            unique))
+                if message is not None:
+                    problems.append(f"views: index {name} of materialized view {view.name.display()} does not fit "
+                                    f"its query over green: {message}; {fix}")
+    for function in surround.functions:
+        where = f"{function.kind.lower()} {function.signature} ({function.why})"
+        if function.blockers:
+            problems.append(f"functions: {where} is re-created at cutover, but {', '.join(function.blockers)} "
+                            f"depend(s) on it; drop them first, or change the function not to depend on the table")
+            continue
+        try:
+            # the same name in pg_temp: a SQL body may qualify its parameters with the function's name
+            name = parse_qualified_name(function.signature.split("(", 1)[0])[1]
+            text = retarget(function.definition, mapping, rename=QualifiedName("pg_temp", name))
+        except Exception as error:
+            problems.append(f"functions: {where} cannot be read ({error})")
+            continue
+        _, message = _guarded(conn, text)
+        if message is not None:
+            problems.append(f"functions: {where} cannot be re-created over green: {message}; change or drop it "
+                            f"before the migration")
+    for trigger in surround.triggers:
+        _, message = _guarded(conn, on_relation(trigger.definition, TEMP_GREEN))
+        if message is not None:
+            problems.append(f"triggers: trigger {trigger.name} cannot move to green: {message}; change or drop it "
+                            f"before the migration")
+    for policy in surround.rls.policies:
+        [(_, text)] = render_steps("_surround_create.sql.j2", functions=[], create_views=[], queries={},
+                                   create_triggers=[], rls=RowSecurity(False, False, [policy]), rls_table=TEMP_GREEN,
+                                   add_publications=[], shared_sequences=[], current_user="",
+                                   trigger_target=TEMP_GREEN, publication_target=TEMP_GREEN,
+                                   sequence_owner=TEMP_GREEN)
+        _, message = _guarded(conn, text)
+        if message is not None:
+            problems.append(f"row security: policy {policy.name} cannot be re-created on green: {message}; change "
+                            f"or drop it before the migration")
+    green_columns = {c.name for c in spec.columns}
+    for membership in publication_columns(spec, surround.publications, to_green=True):
+        missing = [c for c in membership.columns or [] if c not in green_columns]
+        if membership.row_filter:
+            missing += sorted(c for c in column_refs(membership.row_filter) if c not in green_columns)
+        if missing:
+            problems.append(f"publications: publication {membership.publication} publishes column(s) {missing} "
+                            f"that green does not have; change its column list or row filter first")
+    return problems
+
+
+def sync_rehearsal(spec: MigrationSpec, blue: TableInfo, properties: TableProperties) -> list[tuple[str, str]]:
+    """The statements of the sync rehearsal: temporary blue and green, the exact sync functions, and an
+    INSERT, UPDATE and DELETE through each direction."""
+    temp_blue, temp_green = TEMP_BLUE, TEMP_GREEN
     rehearsal = dataclasses.replace(
         spec, blue=temp_blue, green=temp_green, retired=temp_blue, state_schema="pg_temp",
         forward_function=QualifiedName("pg_temp", "bgsync_rehearse_forward"), grants=[],
@@ -250,7 +424,7 @@ def rehearse_sync(conn: Conn, plan: Plan, spec: MigrationSpec, blue: TableInfo) 
     ]
     steps += [(f"prepare: {d}", s) for d, s in render_steps(
         "prepare.sql.j2", spec=rehearsal, current_user=spec.blue_owner, sync=forward_sync(rehearsal),
-        title="forward sync")]
+        title="forward sync", sequence_grantees=[], props=properties, green_of=green_of(spec))]
     steps += [
         ("forward sync of an INSERT", f"INSERT INTO {tb} ({blue_cols}) OVERRIDING SYSTEM VALUE "
                                       f"SELECT {blue_cols} FROM {blue_sql} LIMIT {REHEARSAL_ROWS}"),
@@ -278,17 +452,7 @@ def rehearse_sync(conn: Conn, plan: Plan, spec: MigrationSpec, blue: TableInfo) 
                   f"INSERT INTO {tg} ({', '.join(quote_ident(c.name) for c in written)}) OVERRIDING SYSTEM VALUE "
                   f"SELECT {', '.join(str(c.source_expr) for c in written)} FROM {blue_sql} "
                   f"ORDER BY {key} LIMIT 1"))
-    problems: list[str] = []
-    with conn.transaction(force_rollback=True):
-        conn.execute("SELECT set_config('search_path', %s, true)",
-                     [", ".join(quote_ident(s) for s in spec.search_path)])
-        for description, text in steps:
-            _, message = _guarded(conn, text)
-            if message is not None:
-                problems.append(f"sync: rehearsing {description} failed: {message}; the application's writes "
-                                f"would fail the same way")
-                break
-    return problems
+    return steps
 
 
 def _identity_always(blue: TableInfo, column: str) -> bool:

@@ -1,0 +1,146 @@
+"""Foreign keys follow green before the flip, so the flip itself touches no other table.
+
+After the backfill (and again, for anything added since, just before the cutover's lock):
+- blue's outbound foreign keys are added to green, `NOT VALID`, then validated;
+- every inbound foreign key (a child table referencing blue) gets a twin referencing green (its
+  "shadow", named `<constraint>_bgsync`), `NOT VALID`, then validated.
+Green holds the same keys as blue at every commit, so both constraints hold for every write; a cutover or
+a rollback renames tables and needs no lock on the child tables (an application transaction that writes
+a child and then its parent cannot deadlock with it). `finalize` drops the constraints that reference
+the retired table and gives the shadows their names. Adding a constraint takes SHARE ROW EXCLUSIVE on
+both tables for an instant (under lock_timeout, retried); validating takes SHARE UPDATE EXCLUSIVE, which
+blocks no writer. On PostgreSQL before 18 a partitioned child table cannot take a NOT VALID foreign key:
+its shadow is validated as it is added, blocking writes to that child for the scan.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+
+from orchestrator import catalog, surroundings
+from orchestrator.executor import Statement, Unit
+from orchestrator.names import QualifiedName
+from orchestrator.render import render_steps
+from orchestrator.spec import MigrationSpec, fit_name
+
+Conn = psycopg.Connection[Any]
+
+
+def shadow_name(constraint: str) -> str:
+    return fit_name(constraint, "_bgsync")
+
+
+@dataclass(frozen=True)
+class KeyToAdd:
+    name: str
+    table: QualifiedName             # the table the constraint is on
+    columns: list[str]
+    referenced: QualifiedName
+    referenced_columns: list[str]
+    on_update: str
+    on_delete: str
+    match: str
+    deferrable: bool
+    deferred: bool
+    not_valid: bool
+    why: str
+
+
+def green_of(spec: MigrationSpec) -> dict[str, str]:
+    """blue column -> the green column that copies it unchanged (or as a cast)."""
+    return {c.reverse_column: c.name for c in spec.columns
+            if c.reverse_column is not None and c.reverse_origin in ("column", "cast")}
+
+
+def keys_problems(conn: Conn, spec: MigrationSpec, blue_oid: int) -> list[str]:
+    """What `validate` refuses: a foreign key (either way) on a column green does not copy unchanged."""
+    mapping, problems = green_of(spec), []
+    for key in surroundings.outbound_keys(conn, blue_oid):
+        missing = [c for c in key.columns + (key.referenced_columns if key.self_reference else []) if c not in mapping]
+        if missing:
+            problems.append(f"foreign key {key.name} -> {key.referenced.display()}: green does not copy "
+                            f"{missing} unchanged, so green cannot take it; drop the constraint first, or copy "
+                            f"the column(s) unchanged")
+    for fk in catalog.inbound_foreign_keys(conn, str(spec.blue)):
+        missing = [c for c in fk.referenced_columns if c not in mapping]
+        if missing:
+            problems.append(f"foreign key {fk.name} of {fk.table.display()} references {missing}, which green "
+                            f"does not copy unchanged; drop or change it before the migration")
+    return problems
+
+
+def keys_to_add(conn: Conn, spec: MigrationSpec) -> list[KeyToAdd]:
+    """The foreign keys green still lacks, and the shadows the child tables still lack."""
+    blue_oid = catalog.regclass_oid(conn, str(spec.blue))
+    if blue_oid is None:
+        return []
+    mapping = green_of(spec)
+    on_green = {r[0] for r in conn.execute(
+        "SELECT conname FROM pg_constraint WHERE contype = 'f' AND conrelid = to_regclass(%s)", [str(spec.green)])}
+    version = int(conn.info.server_version)
+    out: list[KeyToAdd] = []
+    for key in surroundings.outbound_keys(conn, blue_oid):
+        if key.name in on_green or any(c not in mapping for c in key.columns):
+            continue
+        referenced, ref_columns = key.referenced, key.referenced_columns
+        if key.self_reference:
+            referenced, ref_columns = spec.green, [mapping.get(c, c) for c in key.referenced_columns]
+        out.append(KeyToAdd(key.name, spec.green, [mapping[c] for c in key.columns], referenced, ref_columns,
+                            key.on_update, key.on_delete, key.match, key.deferrable, key.deferred, True,
+                            f"blue's foreign key {key.name} -> {key.referenced.display()}"))
+    for fk in catalog.inbound_foreign_keys(conn, str(spec.blue)):
+        shadow = shadow_name(fk.name)
+        exists = conn.execute("SELECT 1 FROM pg_constraint WHERE conrelid = to_regclass(%s) AND conname = %s",
+                              [str(fk.table), shadow]).fetchone()
+        if exists or any(c not in mapping for c in fk.referenced_columns):
+            continue
+        out.append(KeyToAdd(shadow, fk.table, fk.columns, spec.green, [mapping[c] for c in fk.referenced_columns],
+                            fk.on_update, fk.on_delete, fk.match, fk.deferrable, fk.deferred,
+                            not fk.partitioned or version >= 180000,
+                            f"the twin of {fk.name} of {fk.table.display()}, referencing green"))
+    return out
+
+
+def keys_units(conn: Conn, spec: MigrationSpec, lock_timeout: str, attempts: int, phase: str) -> list[Unit]:
+    """One short transaction per constraint to add, then the validations (outside any transaction)."""
+    units = []
+    adds = keys_to_add(conn, spec)
+    for key in adds:
+        steps = render_steps("keys_add.sql.j2", key=key)
+        units.append(Unit(f"{phase} {spec.name}: foreign key {key.name} on {key.table.display()} ({key.why})",
+                          [Statement(d, s) for d, s in steps], lock_timeout=lock_timeout, attempts=attempts,
+                          phase=phase))
+    pending = [(k.table, k.name) for k in adds if k.not_valid]
+    pending += [(QualifiedName(r[0], r[1]), str(r[2])) for r in conn.execute(
+        """SELECT n.nspname, t.relname, c.conname FROM pg_constraint c JOIN pg_class t ON t.oid = c.conrelid
+             JOIN pg_namespace n ON n.oid = t.relnamespace
+            WHERE c.contype = 'f' AND NOT c.convalidated AND c.conparentid = 0
+              AND (c.conrelid = to_regclass(%s) OR (c.confrelid = to_regclass(%s) AND c.conname LIKE '%%\\_bgsync'))
+            ORDER BY 1, 2, 3""", [str(spec.green), str(spec.green)])]
+    pending = list(dict.fromkeys(pending))
+    if pending:
+        steps = render_steps("keys_validate.sql.j2", keys=pending)
+        units.append(Unit(f"{phase} {spec.name}: validate the foreign keys green took (writers keep going)",
+                          [Statement(d, s) for d, s in steps], atomic=False, phase=phase))
+    return units
+
+
+def shadows_of(conn: Conn, table: QualifiedName) -> list[tuple[QualifiedName, str]]:
+    """(child table, shadow constraint) of the shadows that reference `table`."""
+    return [(QualifiedName(r[0], r[1]), str(r[2])) for r in conn.execute(
+        """SELECT n.nspname, t.relname, c.conname FROM pg_constraint c JOIN pg_class t ON t.oid = c.conrelid
+             JOIN pg_namespace n ON n.oid = t.relnamespace
+            WHERE c.contype = 'f' AND c.confrelid = to_regclass(%s) AND c.conparentid = 0
+              AND c.conname LIKE '%%\\_bgsync' ORDER BY 1, 2, 3""", [str(table)])]
+
+
+def retired_keys(conn: Conn, retired: QualifiedName, live: QualifiedName
+                 ) -> list[tuple[QualifiedName, str, str | None]]:
+    """For finalize: (child table, constraint referencing the retired table, its shadow referencing the
+    live table, or None when the child has none)."""
+    shadows = {(t, n) for t, n in shadows_of(conn, live)}
+    return [(fk.table, fk.name, shadow_name(fk.name) if (fk.table, shadow_name(fk.name)) in shadows else None)
+            for fk in catalog.inbound_foreign_keys(conn, str(retired))]
