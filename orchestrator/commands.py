@@ -423,15 +423,23 @@ def cutover(options: Options, plan_path: Path, *, lock_timeout: str | None = Non
                 _note(f"cutover {plan.name}: migration is {states.words(phase)}; this is the SQL cutover runs "
                       f"once a verify passes")
         timeout = lock_timeout or plan.cutover.lock_timeout
-        before, unit = cutover_phase.cutover_units(conn, spec, plan.cutover.mode, timeout,
-                                                   attempts or plan.cutover.attempts, catalog.current_user(conn))
-        conn.rollback()
         executor = Executor(conn, dry_run=dry_run, migration=plan.name, state_schema=options.state_schema)
+
+        def flip() -> tuple[list[Unit], Unit]:
+            units = cutover_phase.cutover_units(conn, spec, plan.cutover.mode, timeout,
+                                                attempts or plan.cutover.attempts, catalog.current_user(conn),
+                                                with_keys=phase in states.BACKFILLED)
+            conn.rollback()
+            return units
+
         if dry_run:
+            before, unit = flip()
             for prior in [*before, unit]:
                 executor.run(prior)
             return None
-        with migration_lock(conn, plan.name):
+        conn.rollback()
+        with migration_lock(conn, plan.name):      # a second cutover is refused before it reads anything
+            before, unit = flip()
             for prior in before:
                 executor.run(prior)
             started = time.perf_counter()
@@ -468,21 +476,23 @@ def rollback(options: Options, plan_path: Path, *, dry_run: bool = False, conn: 
         executor = Executor(conn, dry_run=dry_run, migration=plan.name, state_schema=options.state_schema)
         timeout, attempts = plan.cutover.lock_timeout, plan.cutover.attempts
         user = catalog.current_user(conn)
-        if row is not None and phase == "cut_over":
+        if row is not None and row.active:
             spec = row.spec
-            units = [rollback_phase.uncutover_unit(conn, spec, row.cutover or {}, timeout, attempts, user)]
+            if dry_run and phase != "cut_over":
+                _note(f"rollback {plan.name} before cutover (migration is {states.words(phase)}): drops the "
+                      f"forward triggers and green")
         else:
-            if row is not None and row.active:
-                spec = row.spec
-                if dry_run:
-                    _note(f"rollback {plan.name} before cutover (migration is {states.words(phase)}): drops the "
-                          f"forward triggers and green")
-            else:
-                spec = validate_live(conn, plan, options.state_schema).spec
-                _note(f"rollback {plan.name}: migration is {states.words(phase)}; this is what rollback runs after "
-                      f"prepare, before cutover: it drops the forward triggers and green")
-            units = [rollback_phase.teardown_unit(conn, spec, timeout, attempts)]
+            spec = validate_live(conn, plan, options.state_schema).spec
+            _note(f"rollback {plan.name}: migration is {states.words(phase)}; this is what rollback runs after "
+                  f"prepare, before cutover: it drops the forward triggers and green")
+
+        def rollback_units() -> list[Unit]:
+            if row is not None and phase == "cut_over":
+                return [rollback_phase.uncutover_unit(conn, spec, row.cutover or {}, timeout, attempts, user)]
+            return [rollback_phase.teardown_unit(conn, spec, timeout, attempts)]
+
         if dry_run:
+            units = rollback_units()
             swap_back: list[Unit] = []
             if every_case and phase != "cut_over":
                 swap_back = [rollback_phase.predicted_uncutover_unit(conn, spec, plan.cutover.mode, timeout,
@@ -497,7 +507,9 @@ def rollback(options: Options, plan_path: Path, *, dry_run: bool = False, conn: 
                     executor.run(unit)
             return None
         conn.rollback()
-        with migration_lock(conn, plan.name):
+        with migration_lock(conn, plan.name):      # a second rollback is refused before it reads anything
+            units = rollback_units()
+            conn.rollback()
             for unit in units:
                 executor.run(unit)
         if phase == "cut_over":

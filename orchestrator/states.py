@@ -23,6 +23,9 @@ WORDS: dict[str | None, str] = {
     "finalized": "finalized",
 }
 
+# Phases in which green holds the whole history (the backfill is done).
+BACKFILLED = ("backfilled", "verified", "mismatch", "reverted")
+
 # The command that moves a migration on from each phase (None: nothing comes next).
 NEXT: dict[str | None, str | None] = {
     None: "prepare",

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from orchestrator.workload import ACCOUNTS, ORDERS, Workload
-from tests.helpers import PLANS, bgsync, load_schema, parity_diff, scalar, seed
+from tests.helpers import PLANS, bgsync, load_schema, parity_diff, scalar, scalars, seed
 
 # Blue (retired or live) projected through the plan, against green: independent of bgsync's code.
 ACCOUNTS_BLUE = "SELECT id::bigint, email, name, created_at FROM public.{blue}"
@@ -185,12 +185,15 @@ INSERT INTO public.logins (account_id) SELECT id FROM public.accounts WHERE id <
 """
 
 
-def _points_at(dsn: str) -> tuple[str, str]:
+def _points_at(dsn: str) -> tuple[str, set[str]]:
+    """(what the view reads, what the foreign keys of `logins` reference): from the backfill to finalize a
+    child table has the original constraint and its twin referencing green, so both tables are covered."""
     view = scalar(dsn, """SELECT string_agg(DISTINCT d.refobjid::regclass::text, ',') FROM pg_depend d
                           JOIN pg_rewrite r ON r.oid = d.objid
                          WHERE r.ev_class = 'public.active_accounts'::regclass AND d.refobjid <> r.ev_class""")
-    fk = scalar(dsn, "SELECT confrelid::regclass::text FROM pg_constraint WHERE conname = 'logins_account_id_fkey'")
-    return str(view), str(fk)
+    fks = {str(t) for t in scalars(dsn, "SELECT confrelid::regclass::text FROM pg_constraint WHERE contype = 'f' "
+                                        "AND conrelid = 'public.logins'::regclass AND convalidated")}
+    return str(view), fks
 
 
 @pytest.mark.parametrize("mode", ["rename", "view"])
@@ -202,10 +205,11 @@ def test_view_foreign_key_and_identity_follow_each_flip(dsn: str, tmp_path: Path
         conn.execute(VIEW_AND_FK)
     for command in ("prepare", "backfill", "verify"):
         assert bgsync(dsn, command, str(plan)).code == 0
-    assert _points_at(dsn) == ("accounts", "accounts")
+    assert _points_at(dsn) == ("accounts", {"accounts", "accounts_v2"})
     flipped = bgsync(dsn, "cutover", str(plan))
     assert flipped.code == 0, flipped.err
-    assert _points_at(dsn) == (("accounts", "accounts") if mode == "rename" else ("accounts", "accounts_v2"))
+    assert _points_at(dsn) == (("accounts", {"accounts", "accounts_old"}) if mode == "rename"
+                               else ("accounts", {"accounts_v2", "accounts_old"}))
     table_now = "accounts" if mode == "rename" else "accounts_v2"
     with psycopg.connect(dsn, autocommit=True) as conn:
         assert conn.execute("SELECT count(*) FROM active_accounts").fetchone() == (800,)
@@ -220,7 +224,7 @@ def test_view_foreign_key_and_identity_follow_each_flip(dsn: str, tmp_path: Path
         assert conn.execute(f"SELECT count(*) FROM {table_now} WHERE id = ANY(%s)", [ids]).fetchone() == (3,)
     back = bgsync(dsn, "rollback", str(plan))
     assert back.code == 0, back.err
-    assert _points_at(dsn) == ("accounts", "accounts")
+    assert _points_at(dsn) == ("accounts", {"accounts", "accounts_v2"})
     assert scalar(dsn, "SELECT relkind::text FROM pg_class WHERE oid = 'public.accounts'::regclass") == "r"
     with psycopg.connect(dsn, autocommit=True) as conn:
         more = conn.execute("INSERT INTO accounts (email) VALUES ('after-rollback@x') RETURNING id").fetchone()
@@ -235,6 +239,10 @@ def test_view_foreign_key_and_identity_follow_each_flip(dsn: str, tmp_path: Path
     assert bgsync(dsn, "finalize", str(plan), "--yes").code == 0
     assert scalar(dsn, "SELECT to_regclass('public.accounts_old')") is None
     assert scalar(dsn, "SELECT phase FROM bgsync.migrations") == "finalized"
+    # the twin took over, under the original's name
+    assert _points_at(dsn)[1] == ({"accounts"} if mode == "rename" else {"accounts_v2"})
+    assert scalar(dsn, "SELECT confrelid::regclass::text FROM pg_constraint WHERE conname = 'logins_account_id_fkey'"
+                  ) == ("accounts" if mode == "rename" else "accounts_v2")
     assert bgsync(dsn, "rollback", str(plan)).code == 1
 
 
@@ -286,19 +294,20 @@ def test_run_through_verify_and_auto_rollback(dsn: str, tmp_path: Path) -> None:
 
 
 def test_run_auto_rollback_when_cutover_fails(dsn: str, tmp_path: Path) -> None:
-    plan_data = yaml.safe_load(accounts_plan(tmp_path, "rename").read_text())
-    plan_data["columns"] = [c for c in plan_data["columns"] if c["name"] != "name"]   # green drops `name`
-    plan = tmp_path / "no_name.yaml"
-    plan.write_text(yaml.safe_dump(plan_data))
+    """A cutover that cannot get its locks (a session keeps blue's sequence in an open transaction: the
+    cutover renames it) makes `run --auto-rollback` roll back and exit 1; what validate can foresee
+    never gets that far."""
+    plan = accounts_plan(tmp_path, "rename", lock_timeout="200ms", attempts=2)
     load_schema(dsn)
     seed(dsn, accounts=3_000)
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute("CREATE VIEW public.named AS SELECT id, name FROM public.accounts")
-    failed = bgsync(dsn, "run", str(plan), "--auto-rollback")
+    with psycopg.connect(dsn) as reader:
+        reader.execute("SELECT nextval('public.accounts_id_seq')")      # a lock on blue's sequence, held
+        failed = bgsync(dsn, "run", str(plan), "--auto-rollback")
+        reader.rollback()
     assert failed.code == 1, failed.err
-    assert "re-create dependent view" in failed.err and "run stopped at cutover" in failed.err
+    assert "could not get a lock" in failed.err and "run stopped at cutover" in failed.err
     assert scalar(dsn, "SELECT phase FROM bgsync.migrations") == "rolled_back"
-    assert scalar(dsn, "SELECT count(*) FROM public.named") == 3_000
+    assert scalar(dsn, "SELECT to_regclass('public.accounts_v2')") is None
 
 
 def test_rollback_before_cutover_is_idempotent(dsn: str, tmp_path: Path) -> None:

@@ -331,9 +331,10 @@ def publication_columns(spec: MigrationSpec, memberships: list[Membership], *, t
 
 
 def cutover_units(conn: Conn, spec: MigrationSpec, mode: str, lock_timeout: str, attempts: int,
-                  current_user: str) -> tuple[list[Unit], Unit]:
+                  current_user: str, *, with_keys: bool = True) -> tuple[list[Unit], Unit]:
     """(units before the lock: foreign keys green still lacks, green analyzed, the materialized views'
-    copies), then the flip itself."""
+    copies), then the flip itself. Before the backfill, green's foreign keys are the backfill's to add
+    (`with_keys=False`: a printed cutover shows what cutover itself runs after it)."""
     flip = plan_flip(conn, spec, mode)
     surround = flip.surround
     lock = [spec.blue, spec.green, *(v.name for v in surround.plain_views)]
@@ -354,7 +355,7 @@ def cutover_units(conn: Conn, spec: MigrationSpec, mode: str, lock_timeout: str,
                                expect_rows=f"cutover {spec.name} refused: the migration is no longer verified")
     unit = Unit(f"cutover {spec.name}: {spec.blue.display()} becomes green ({mode} mode)", statements,
                 lock_timeout=lock_timeout, attempts=attempts, phase="cutover")
-    before = keys_units(conn, spec, lock_timeout, attempts, "cutover")
+    before = keys_units(conn, spec, lock_timeout, attempts, "cutover") if with_keys else []
     before.append(Unit(f"cutover {spec.name}: green analyzed and materialized views copied over green before the lock",
                        [Statement(d, s) for d, s in render_steps(
                            "cutover_prepare.sql.j2", spec=spec, matviews=surround.matviews,

@@ -67,7 +67,7 @@ ALTER TABLE "bgsync"."migrations" ADD COLUMN IF NOT EXISTS green_written_at time
 ALTER TABLE "bgsync"."migrations" ADD COLUMN IF NOT EXISTS plan_source text;
 -- journal format version
 COMMENT ON SCHEMA "bgsync" IS 'bgsync state (format 1)';
--- green's own sequence for id (blue's is orders_id_seq)
+-- green's own sequence for id (blue's is public.orders_id_seq)
 CREATE SEQUENCE "public"."orders_v2_id_seq";
 -- create green "public"."orders_v2" (secondary indexes are deferred to the end of the backfill)
 CREATE TABLE "public"."orders_v2" (
@@ -145,8 +145,8 @@ ALTER TABLE "public"."orders" ENABLE ALWAYS TRIGGER "bgsync_orders_v2_fwd_del";
 ALTER TABLE "public"."orders" ENABLE ALWAYS TRIGGER "bgsync_orders_v2_fwd_trunc";
 -- register the migration (refused by a unique index if another one is active on the source)
 INSERT INTO "bgsync"."migrations" (name, source, target, phase, plan_hash, plan, spec, plan_source)
-VALUES ('orders_v2', '"public"."orders"', '"public"."orders_v2"', 'prepared', '2417f09cd3152dee',
-        '{"checks": [{"expression": "total_amount >= 0", "name": "orders_total_amount_nonneg"}], "columns": [{"default": null, "from": null, "name": "id", "not_null": true, "reverse": null, "reverse_column": null, "type": "bigint"}, {"default": null, "from": null, "name": "customer_id", "not_null": true, "reverse": null, "reverse_column": null, "type": "bigint"}, {"default": null, "from": "amount::numeric(12,2)", "name": "total_amount", "not_null": true, "reverse": "round(total_amount)::integer", "reverse_column": "amount", "type": "numeric(12,2)"}, {"default": "''new''", "from": "state", "name": "status", "not_null": true, "reverse": null, "reverse_column": null, "type": "text"}, {"default": null, "from": null, "name": "note", "not_null": false, "reverse": null, "reverse_column": null, "type": "text"}, {"default": "now()", "from": null, "name": "created_at", "not_null": true, "reverse": null, "reverse_column": null, "type": "timestamptz"}], "cutover": {"mode": "rename", "retired_name": "orders_old"}, "indexes": [{"columns": ["customer_id"], "name": null, "unique": false, "where": null}, {"columns": ["status"], "name": null, "unique": false, "where": "status <> ''void''"}], "key": ["id"], "name": "orders_v2", "source": "public.orders", "target": "public.orders_v2"}'::jsonb,  E'{"blue": {"name": "orders", "schema": "public"}, "blue_generated": [], "blue_identity_always": [], "blue_key": ["id"], "blue_key_collations": [null], "blue_key_types": ["bigint"], "blue_owner": "postgres", "checks": [{"expression": "total_amount >= 0", "name": "orders_total_amount_nonneg"}], "columns": [{"blue_sequence": "orders_id_seq", "default": "nextval(''\\"public\\".\\"orders_v2_id_seq\\"''::regclass)", "default_inherited": true, "generated": null, "identity": "", "name": "id", "not_null": true, "reverse_column": "id", "reverse_expr": "\\"id\\"", "reverse_origin": "column", "sequence": "orders_v2_id_seq", "source_expr": "\\"id\\"", "type": "bigint"}, {"blue_sequence": null, "default": null, "default_inherited": false, "generated": null, "identity": "", "name": "customer_id", "not_null": true, "reverse_column": "customer_id", "reverse_expr": "\\"customer_id\\"", "reverse_origin": "column", "sequence": null, "source_expr": "\\"customer_id\\"", "type": "bigint"}, {"blue_sequence": null, "default": null, "default_inherited": false, "generated": null, "identity": "", "name": "total_amount", "not_null": true, "reverse_column": "amount", "reverse_expr": "round(total_amount)::integer", "reverse_origin": "explicit", "sequence": null, "source_expr": "amount::numeric(12,2)", "type": "numeric(12,2)"}, {"blue_sequence": null, "default": "''new''", "default_inherited": false, "generated": null, "identity": "", "name": "status", "not_null": true, "reverse_column": "state", "reverse_expr": "\\"status\\"", "reverse_origin": "column", "sequence": null, "source_expr": "state", "type": "text"}, {"blue_sequence": null, "default": null, "default_inherited": false, "generated": null, "identity": "", "name": "note", "not_null": false, "reverse_column": "note", "reverse_expr": "\\"note\\"", "reverse_origin": "column", "sequence": null, "source_expr": "\\"note\\"", "type": "text"}, {"blue_sequence": null, "default": "now()", "default_inherited": false, "generated": null, "identity": "", "name": "created_at", "not_null": true, "reverse_column": "created_at", "reverse_expr": "\\"created_at\\"", "reverse_origin": "column", "sequence": null, "source_expr": "\\"created_at\\"", "type": "timestamptz"}], "feeds": [{"blue_column": "id", "how": "copied back", "source": "id"}, {"blue_column": "customer_id", "how": "copied back", "source": "customer_id"}, {"blue_column": "amount", "how": "reverse", "source": "round(total_amount)::integer"}, {"blue_column": "state", "how": "copied back", "source": "status"}, {"blue_column": "note", "how": "copied back", "source": "note"}, {"blue_column": "created_at", "how": "copied back", "source": "created_at"}], "forward_function": {"name": "orders_v2_forward", "schema": "bgsync"}, "grants": [], "green": {"name": "orders_v2", "schema": "public"}, "green_key": ["id"], "indexes": [{"columns": ["customer_id"], "name": "orders_v2_customer_id_idx", "unique": false, "where": null}, {"columns": ["status"], "name": "orders_v2_status_idx", "unique": false, "where": "status <> ''void''"}], "name": "orders_v2", "plan_hash": "2417f09cd3152dee", "primary_key_name": "orders_v2_pkey", "retired": {"name": "orders_old", "schema": "public"}, "search_path": ["pg_catalog", "public", "pg_temp"], "settings": {}, "state_schema": "bgsync", "triggers": {"del": "bgsync_orders_v2_fwd_del", "ins": "bgsync_orders_v2_fwd_ins", "trunc": "bgsync_orders_v2_fwd_trunc", "upd": "bgsync_orders_v2_fwd_upd"}}'::jsonb, '# A type change with a rename: integer `amount` becomes numeric `total_amount`,
+VALUES ('orders_v2', '"public"."orders"', '"public"."orders_v2"', 'prepared', '99f95aedf938f474',
+        '{"checks": [{"expression": "total_amount >= 0", "name": "orders_total_amount_nonneg"}], "columns": [{"default": null, "from": null, "name": "id", "not_null": true, "reverse": null, "reverse_column": null, "type": "bigint"}, {"default": null, "from": null, "name": "customer_id", "not_null": true, "reverse": null, "reverse_column": null, "type": "bigint"}, {"default": null, "from": "amount::numeric(12,2)", "name": "total_amount", "not_null": true, "reverse": "round(total_amount)::integer", "reverse_column": "amount", "type": "numeric(12,2)"}, {"default": "''new''", "from": "state", "name": "status", "not_null": true, "reverse": null, "reverse_column": null, "type": "text"}, {"default": null, "from": null, "name": "note", "not_null": false, "reverse": null, "reverse_column": null, "type": "text"}, {"default": "now()", "from": null, "name": "created_at", "not_null": true, "reverse": null, "reverse_column": null, "type": "timestamptz"}], "cutover": {"mode": "rename", "retired_name": "orders_old"}, "indexes": [{"columns": ["customer_id"], "definition": null, "name": null, "unique": false, "where": null}, {"columns": ["status"], "definition": null, "name": null, "unique": false, "where": "status <> ''void''"}], "key": ["id"], "name": "orders_v2", "source": "public.orders", "target": "public.orders_v2", "views": []}'::jsonb,  E'{"blue": {"name": "orders", "schema": "public"}, "blue_generated": [], "blue_identity_always": [], "blue_key": ["id"], "blue_key_collations": [null], "blue_key_types": ["bigint"], "blue_owner": "postgres", "checks": [{"expression": "total_amount >= 0", "name": "orders_total_amount_nonneg"}], "columns": [{"blue_sequence": "public.orders_id_seq", "default": "nextval(''\\"public\\".\\"orders_v2_id_seq\\"''::regclass)", "default_inherited": true, "generated": null, "identity": "", "name": "id", "not_null": true, "reverse_column": "id", "reverse_expr": "\\"id\\"", "reverse_origin": "column", "sequence": "orders_v2_id_seq", "shared_sequence": null, "source_expr": "\\"id\\"", "type": "bigint"}, {"blue_sequence": null, "default": null, "default_inherited": false, "generated": null, "identity": "", "name": "customer_id", "not_null": true, "reverse_column": "customer_id", "reverse_expr": "\\"customer_id\\"", "reverse_origin": "column", "sequence": null, "shared_sequence": null, "source_expr": "\\"customer_id\\"", "type": "bigint"}, {"blue_sequence": null, "default": null, "default_inherited": false, "generated": null, "identity": "", "name": "total_amount", "not_null": true, "reverse_column": "amount", "reverse_expr": "round(total_amount)::integer", "reverse_origin": "explicit", "sequence": null, "shared_sequence": null, "source_expr": "amount::numeric(12,2)", "type": "numeric(12,2)"}, {"blue_sequence": null, "default": "''new''", "default_inherited": false, "generated": null, "identity": "", "name": "status", "not_null": true, "reverse_column": "state", "reverse_expr": "\\"status\\"", "reverse_origin": "column", "sequence": null, "shared_sequence": null, "source_expr": "state", "type": "text"}, {"blue_sequence": null, "default": null, "default_inherited": false, "generated": null, "identity": "", "name": "note", "not_null": false, "reverse_column": "note", "reverse_expr": "\\"note\\"", "reverse_origin": "column", "sequence": null, "shared_sequence": null, "source_expr": "\\"note\\"", "type": "text"}, {"blue_sequence": null, "default": "now()", "default_inherited": false, "generated": null, "identity": "", "name": "created_at", "not_null": true, "reverse_column": "created_at", "reverse_expr": "\\"created_at\\"", "reverse_origin": "column", "sequence": null, "shared_sequence": null, "source_expr": "\\"created_at\\"", "type": "timestamptz"}], "feeds": [{"blue_column": "id", "how": "copied back", "source": "id"}, {"blue_column": "customer_id", "how": "copied back", "source": "customer_id"}, {"blue_column": "amount", "how": "reverse", "source": "round(total_amount)::integer"}, {"blue_column": "state", "how": "copied back", "source": "status"}, {"blue_column": "note", "how": "copied back", "source": "note"}, {"blue_column": "created_at", "how": "copied back", "source": "created_at"}], "forward_function": {"name": "orders_v2_forward", "schema": "bgsync"}, "grants": [], "green": {"name": "orders_v2", "schema": "public"}, "green_key": ["id"], "indexes": [{"columns": ["customer_id"], "definition": null, "name": "orders_v2_customer_id_idx", "unique": false, "where": null}, {"columns": ["status"], "definition": null, "name": "orders_v2_status_idx", "unique": false, "where": "status <> ''void''"}], "name": "orders_v2", "plan_hash": "99f95aedf938f474", "primary_key_name": "orders_v2_pkey", "retired": {"name": "orders_old", "schema": "public"}, "search_path": ["pg_catalog", "public", "pg_temp"], "settings": {}, "state_schema": "bgsync", "triggers": {"del": "bgsync_orders_v2_fwd_del", "ins": "bgsync_orders_v2_fwd_ins", "trunc": "bgsync_orders_v2_fwd_trunc", "upd": "bgsync_orders_v2_fwd_upd"}, "views": []}'::jsonb, '# A type change with a rename: integer `amount` becomes numeric `total_amount`,
 # `state` becomes `status`; the reverse expressions keep blue fed after cutover.
 name: orders_v2
 source: public.orders
@@ -314,13 +314,36 @@ COMMIT;
 -- phase: cutover
 -- cutover orders_v2: not prepared yet; this is the SQL cutover runs after prepare, backfill and a passing verify (green's shape comes from the plan)
 
+-- cutover orders_v2: green analyzed and materialized views copied over green before the lock
+-- analyze green "public"."orders_v2" before it goes live (SHARE UPDATE EXCLUSIVE: writers keep going)
+ANALYZE "public"."orders_v2";
+
 -- cutover orders_v2: public.orders becomes green (rename mode)
 BEGIN;
 SET LOCAL lock_timeout = '2s';
--- lock blue "public"."orders": writers wait here for at most the rest of this transaction
-LOCK TABLE "public"."orders" IN ACCESS EXCLUSIVE MODE;
--- lock green "public"."orders_v2"
-LOCK TABLE "public"."orders_v2" IN ACCESS EXCLUSIVE MODE;
+-- give way in a deadlock: lower this transaction's deadlock_timeout to 100ms where the role may
+DO $bgsync$
+BEGIN
+    PERFORM set_config('deadlock_timeout', '100ms', true);
+EXCEPTION WHEN insufficient_privilege THEN
+    NULL;
+END
+$bgsync$;
+-- bound this transaction's lock waits (lock_timeout 2s; less where deadlock_timeout could not be lowered)
+SELECT set_config('lock_timeout', w.first, true), set_config('statement_timeout', w.first, true),
+       set_config('bgsync.later_lock_timeout', w.later, true)
+  FROM (SELECT (ceil(extract(epoch FROM CASE WHEN lowered THEN t ELSE least(t, dt / 2) END) * 1000))::int::text
+               || 'ms' AS first,
+               (ceil(extract(epoch FROM CASE WHEN lowered THEN t ELSE least(t, dt / 10) END) * 1000))::int::text
+               || 'ms' AS later
+          FROM (SELECT '2s'::interval AS t, (s.reset_val || s.unit)::interval AS dt,
+                       current_setting('deadlock_timeout')::interval < (s.reset_val || s.unit)::interval AS lowered
+                  FROM pg_settings s WHERE s.name = 'deadlock_timeout') AS d) AS w;
+-- take the table locks of the flip at once ("public"."orders", "public"."orders_v2"), in the order writers take them
+LOCK TABLE "public"."orders", "public"."orders_v2" IN ACCESS EXCLUSIVE MODE;
+-- later lock waits are bounded as above, and the rest of the transaction has no time limit
+SELECT set_config('statement_timeout', '0', true),
+       set_config('lock_timeout', current_setting('bgsync.later_lock_timeout'), true);
 -- drop the forward sync ins trigger
 DROP TRIGGER IF EXISTS "bgsync_orders_v2_fwd_ins" ON "public"."orders";
 -- drop the forward sync upd trigger
@@ -418,10 +441,10 @@ ALTER TABLE "public"."orders" ENABLE ALWAYS TRIGGER "bgsync_orders_v2_rev_upd";
 ALTER TABLE "public"."orders" ENABLE ALWAYS TRIGGER "bgsync_orders_v2_rev_del";
 -- keep the reverse sync trunc trigger firing under session_replication_role = replica
 ALTER TABLE "public"."orders" ENABLE ALWAYS TRIGGER "bgsync_orders_v2_rev_trunc";
--- record the cutover (what was renamed, so rollback can undo exactly that)
--- value read at run time: the renames above
+-- record the cutover (what was renamed and moved, so rollback can undo exactly that)
+-- value read at run time: the renames and objects above
 UPDATE "bgsync"."migrations"
-   SET phase = 'cut_over', cutover = '{"mode": "rename", "renames": [{"kind": "sequence", "schema": "public", "old": "orders_id_seq", "new": "orders_old_id_seq", "table": ""}, {"kind": "sequence", "schema": "public", "old": "orders_v2_id_seq", "new": "orders_id_seq", "table": ""}, {"kind": "index", "schema": "public", "old": "orders_customer_id_idx", "new": "orders_old_customer_id_idx", "table": "orders"}, {"kind": "constraint", "schema": "public", "old": "orders_pkey", "new": "orders_old_pkey", "table": "orders"}, {"kind": "table", "schema": "public", "old": "orders", "new": "orders_old", "table": ""}, {"kind": "table", "schema": "public", "old": "orders_v2", "new": "orders", "table": ""}, {"kind": "constraint", "schema": "public", "old": "orders_v2_pkey", "new": "orders_pkey", "table": "orders"}, {"kind": "index", "schema": "public", "old": "orders_v2_customer_id_idx", "new": "orders_customer_id_idx", "table": "orders"}]}'::jsonb, updated_at = now()
+   SET phase = 'cut_over', cutover = '{"mode": "rename", "renames": [{"kind": "sequence", "schema": "public", "old": "orders_id_seq", "new": "orders_old_id_seq", "table": ""}, {"kind": "sequence", "schema": "public", "old": "orders_v2_id_seq", "new": "orders_id_seq", "table": ""}, {"kind": "index", "schema": "public", "old": "orders_customer_id_idx", "new": "orders_old_customer_id_idx", "table": "orders"}, {"kind": "constraint", "schema": "public", "old": "orders_pkey", "new": "orders_old_pkey", "table": "orders"}, {"kind": "table", "schema": "public", "old": "orders", "new": "orders_old", "table": ""}, {"kind": "table", "schema": "public", "old": "orders_v2", "new": "orders", "table": ""}, {"kind": "constraint", "schema": "public", "old": "orders_v2_pkey", "new": "orders_pkey", "table": "orders"}, {"kind": "index", "schema": "public", "old": "orders_v2_customer_id_idx", "new": "orders_customer_id_idx", "table": "orders"}], "surround": {"views": [], "functions": [], "triggers": [], "rls": {"enabled": false, "forced": false, "policies": []}, "publications": [], "matviews": []}}'::jsonb, updated_at = now()
  WHERE name = 'orders_v2' AND phase = 'verified'
 RETURNING name;
 COMMIT;
@@ -458,10 +481,29 @@ COMMIT;
 -- rollback orders_v2: swap back to blue public.orders and resume forward sync
 BEGIN;
 SET LOCAL lock_timeout = '2s';
--- lock the live table "public"."orders"
-LOCK TABLE "public"."orders" IN ACCESS EXCLUSIVE MODE;
--- lock the retired table "public"."orders_old"
-LOCK TABLE "public"."orders_old" IN ACCESS EXCLUSIVE MODE;
+-- give way in a deadlock: lower this transaction's deadlock_timeout to 100ms where the role may
+DO $bgsync$
+BEGIN
+    PERFORM set_config('deadlock_timeout', '100ms', true);
+EXCEPTION WHEN insufficient_privilege THEN
+    NULL;
+END
+$bgsync$;
+-- bound this transaction's lock waits (lock_timeout 2s; less where deadlock_timeout could not be lowered)
+SELECT set_config('lock_timeout', w.first, true), set_config('statement_timeout', w.first, true),
+       set_config('bgsync.later_lock_timeout', w.later, true)
+  FROM (SELECT (ceil(extract(epoch FROM CASE WHEN lowered THEN t ELSE least(t, dt / 2) END) * 1000))::int::text
+               || 'ms' AS first,
+               (ceil(extract(epoch FROM CASE WHEN lowered THEN t ELSE least(t, dt / 10) END) * 1000))::int::text
+               || 'ms' AS later
+          FROM (SELECT '2s'::interval AS t, (s.reset_val || s.unit)::interval AS dt,
+                       current_setting('deadlock_timeout')::interval < (s.reset_val || s.unit)::interval AS lowered
+                  FROM pg_settings s WHERE s.name = 'deadlock_timeout') AS d) AS w;
+-- take the table locks of the flip at once ("public"."orders", "public"."orders_old"), in the order writers take them
+LOCK TABLE "public"."orders", "public"."orders_old" IN ACCESS EXCLUSIVE MODE;
+-- later lock waits are bounded as above, and the rest of the transaction has no time limit
+SELECT set_config('statement_timeout', '0', true),
+       set_config('lock_timeout', current_setting('bgsync.later_lock_timeout'), true);
 -- drop the reverse sync ins trigger
 DROP TRIGGER IF EXISTS "bgsync_orders_v2_rev_ins" ON "public"."orders";
 -- drop the reverse sync upd trigger
@@ -569,9 +611,32 @@ COMMIT;
 -- phase: finalize
 -- finalize orders_v2: migration is not prepared; finalize runs after cutover, and this is the SQL it runs then
 
--- finalize orders_v2: drop reverse sync and the retired table public.orders_old
+-- finalize orders_v2: the reverse sync leaves the live table public.orders
 BEGIN;
 SET LOCAL lock_timeout = '2s';
+-- give way in a deadlock: lower this transaction's deadlock_timeout to 100ms where the role may
+DO $bgsync$
+BEGIN
+    PERFORM set_config('deadlock_timeout', '100ms', true);
+EXCEPTION WHEN insufficient_privilege THEN
+    NULL;
+END
+$bgsync$;
+-- bound this transaction's lock waits (lock_timeout 2s; less where deadlock_timeout could not be lowered)
+SELECT set_config('lock_timeout', w.first, true), set_config('statement_timeout', w.first, true),
+       set_config('bgsync.later_lock_timeout', w.later, true)
+  FROM (SELECT (ceil(extract(epoch FROM CASE WHEN lowered THEN t ELSE least(t, dt / 2) END) * 1000))::int::text
+               || 'ms' AS first,
+               (ceil(extract(epoch FROM CASE WHEN lowered THEN t ELSE least(t, dt / 10) END) * 1000))::int::text
+               || 'ms' AS later
+          FROM (SELECT '2s'::interval AS t, (s.reset_val || s.unit)::interval AS dt,
+                       current_setting('deadlock_timeout')::interval < (s.reset_val || s.unit)::interval AS lowered
+                  FROM pg_settings s WHERE s.name = 'deadlock_timeout') AS d) AS w;
+-- take the table locks of the flip at once ("public"."orders"), in the order writers take them
+LOCK TABLE "public"."orders" IN ACCESS EXCLUSIVE MODE;
+-- later lock waits are bounded as above, and the rest of the transaction has no time limit
+SELECT set_config('statement_timeout', '0', true),
+       set_config('lock_timeout', current_setting('bgsync.later_lock_timeout'), true);
 -- drop the reverse sync ins trigger
 DROP TRIGGER IF EXISTS "bgsync_orders_v2_rev_ins" ON "public"."orders";
 -- drop the reverse sync upd trigger
@@ -580,6 +645,15 @@ DROP TRIGGER IF EXISTS "bgsync_orders_v2_rev_upd" ON "public"."orders";
 DROP TRIGGER IF EXISTS "bgsync_orders_v2_rev_del" ON "public"."orders";
 -- drop the reverse sync trunc trigger
 DROP TRIGGER IF EXISTS "bgsync_orders_v2_rev_trunc" ON "public"."orders";
+-- record phase finalizing: from here on there is no rollback (writes no longer reach the retired table)
+UPDATE "bgsync"."migrations" SET phase = 'finalizing', updated_at = now()
+ WHERE name = 'orders_v2' AND phase = 'cut_over'
+RETURNING name;
+COMMIT;
+
+-- finalize orders_v2: drop the retired table public.orders_old
+BEGIN;
+SET LOCAL lock_timeout = '2s';
 -- drop the reverse sync function
 DROP FUNCTION IF EXISTS "bgsync"."orders_v2_reverse"();
 -- drop the forward sync function
@@ -588,7 +662,7 @@ DROP FUNCTION IF EXISTS "bgsync"."orders_v2_forward"();
 DROP TABLE "public"."orders_old";
 -- record phase finalized
 UPDATE "bgsync"."migrations" SET phase = 'finalized', updated_at = now()
- WHERE name = 'orders_v2' AND phase = 'cut_over'
+ WHERE name = 'orders_v2' AND phase = 'finalizing'
 RETURNING name;
 COMMIT;
 
