@@ -393,8 +393,8 @@ CREATE TABLE public.orders (id bigint PRIMARY KEY, customer_id bigint NOT NULL R
                             status text NOT NULL DEFAULT 'new', note text);
 CREATE SEQUENCE public.orders_id_seq OWNED BY public.orders.id START 5000;
 ALTER TABLE public.orders ALTER COLUMN id SET DEFAULT nextval('public.orders_id_seq');
-CREATE TABLE public.order_items (id bigserial PRIMARY KEY, order_id bigint NOT NULL REFERENCES public.orders (id) ON DELETE CASCADE,
-                                 qty int NOT NULL);
+CREATE TABLE public.order_items (id bigserial PRIMARY KEY, qty int NOT NULL,
+                                 order_id bigint NOT NULL REFERENCES public.orders (id) ON DELETE CASCADE);
 INSERT INTO public.customers SELECT g FROM generate_series(1, 50) g;
 INSERT INTO public.orders SELECT g, 1 + g % 50, 'new', 'n' FROM generate_series(1, 3000) g;
 INSERT INTO public.order_items (order_id, qty) SELECT g, 1 FROM generate_series(1, 3000, 7) g;
