@@ -234,6 +234,13 @@ def verify(ctx: typer.Context, plan: PlanFile, workers: VerifyWorkers = None, as
 
 
 @command()
+def expose(ctx: typer.Context, plan: PlanFile, dry_run: DryRun = False, dsn: Dsn = None,
+           state_schema: StateSchema = None) -> None:
+    """Both releases at once: two-way sync and a version schema per shape (after a passing verify)."""
+    commands.expose(_options(ctx, dsn, state_schema), plan, dry_run=dry_run)
+
+
+@command()
 def cutover(ctx: typer.Context, plan: PlanFile, dry_run: DryRun = False, lock_timeout: LockTimeout = None,
             attempts: Attempts = None, dsn: Dsn = None, state_schema: StateSchema = None) -> None:
     """Flip the live name to green (refused unless the last verify passed after the last backfill)."""

@@ -25,6 +25,7 @@ from orchestrator.executor import Executor, Unit
 from orchestrator.journal import MigrationRow, get_migration, migration_lock, require_same_plan
 from orchestrator.phases import backfill as backfill_phase
 from orchestrator.phases import cutover as cutover_phase
+from orchestrator.phases import expose as expose_phase
 from orchestrator.phases import rollback as rollback_phase
 from orchestrator.phases import scaffold
 from orchestrator.phases import status as status_phase
@@ -36,14 +37,14 @@ from orchestrator.spec import DEFAULT_STATE_SCHEMA, MigrationSpec
 
 Conn = psycopg.Connection[Any]
 Confirm = Callable[[str], bool | None]     # the answer, or None when there is no terminal to ask on
-VERIFIABLE = ("backfilled", "verified", "mismatch", "reverted")
-PRE_CUTOVER = ("prepared", "backfilling", "backfilled", "verified", "mismatch", "reverted")
+VERIFIABLE = ("backfilled", "verified", "mismatch", "reverted", "exposed")
+PRE_CUTOVER = ("prepared", "backfilling", "backfilled", "verified", "mismatch", "reverted", "exposed")
 BACKFILLABLE = ("prepared", "backfilling", "backfilled", "mismatch", "verified")
 # TODO(expose): add "expose" between "verify" and "cutover" once the expose phase exists, with a dry run
 # that prints its units through the Executor like the others; `sql --phase all` then includes it.
-PHASES_WITH_SQL = ("prepare", "backfill", "verify", "cutover", "rollback", "finalize")
+PHASES_WITH_SQL = ("prepare", "backfill", "verify", "expose", "cutover", "rollback", "finalize")
 SQL_PHASES = (*PHASES_WITH_SQL, "all")
-RUN_PHASES = ("validate", "prepare", "backfill", "verify", "cutover")
+RUN_PHASES = ("validate", "prepare", "backfill", "verify", "expose", "cutover")
 
 
 @dataclass
@@ -216,6 +217,11 @@ def sql(options: Options, plan_path: Path, phase: str) -> None:
                 backfill(options, plan_path, dry_run=True, conn=conn)
             elif name == "verify":
                 verify(options, plan_path, dry_run=True, conn=conn)
+            elif name == "expose":
+                if plan.versions is None:
+                    _note(f"expose {plan.name}: the plan has no `versions`, so there is no window for two releases")
+                else:
+                    expose(options, plan_path, dry_run=True, conn=conn)
             elif name == "cutover":
                 cutover(options, plan_path, dry_run=True, conn=conn)
             elif name == "rollback":
@@ -387,6 +393,54 @@ def _rows(count: int) -> str:
     return "1 row that differs" if count == 1 else f"{count:,} rows that differ"
 
 
+def expose(options: Options, plan_path: Path, *, dry_run: bool = False, conn: Conn | None = None) -> None:
+    """Both releases at once: two-way sync and the version schemas, after a passing verify."""
+    plan = load_plan(plan_path)
+    with _use(conn, options, f"expose {plan.name}", plan.cutover.lock_timeout) as conn:
+        row = get_migration(conn, options.state_schema, plan.name)
+        phase = _phase(row)
+        if row is not None and row.active:
+            require_same_plan(row, plan)
+        if plan.versions is None:
+            raise UsageError(f"versions: plan {plan.name} has no `versions: {{blue: SCHEMA, green: SCHEMA}}`; expose "
+                             f"creates those two schemas")
+        window_open = phase == "exposed" or (phase == "cut_over" and bool((row.cutover or {}).get("window"))
+                                             if row is not None else False)
+        if row is not None and window_open:
+            done = f"migration {plan.name} is already exposed: both releases write; nothing to do"
+            if dry_run:
+                _note(f"{done} (expose would run nothing)")
+            else:
+                log.success(done)
+            return None
+        if not dry_run and phase != "verified":
+            raise _refused("expose", conn, options, plan, plan_path, row, "; expose needs a passing verify")
+        if row is None or not row.active:
+            spec = validate_live(conn, plan, options.state_schema).spec
+            _note(f"expose {plan.name}: not prepared yet; this is the SQL expose runs after a passing verify")
+        else:
+            spec = row.spec
+            _check_prepared(conn, row, plan_path)
+        executor = Executor(conn, dry_run=dry_run, migration=plan.name, state_schema=options.state_schema)
+        if dry_run:
+            unit = expose_phase.expose_unit(conn, spec, plan.cutover.lock_timeout, plan.cutover.attempts,
+                                            catalog.current_user(conn))
+            conn.rollback()
+            executor.run(unit)
+            return None
+        conn.rollback()
+        with migration_lock(conn, plan.name):
+            unit = expose_phase.expose_unit(conn, spec, plan.cutover.lock_timeout, plan.cutover.attempts,
+                                            catalog.current_user(conn))
+            conn.rollback()
+            executor.run(unit)
+        assert plan.versions is not None
+        log.success(f"exposed {plan.name}: both releases write; search_path {plan.versions.blue} for blue's shape, "
+                    f"{plan.versions.green} for green's")
+        _next(options, "exposed", plan_path)
+        return None
+
+
 def cutover(options: Options, plan_path: Path, *, lock_timeout: str | None = None, attempts: int | None = None,
             dry_run: bool = False, conn: Conn | None = None) -> None:
     plan = load_plan(plan_path)
@@ -404,7 +458,11 @@ def cutover(options: Options, plan_path: Path, *, lock_timeout: str | None = Non
                 log.success(done)
                 _next(options, phase, plan_path)
             return None
-        if not dry_run and phase != "verified":
+        if not dry_run and phase == "exposed" and not status_phase.last_verify_passed(conn, options.state_schema,
+                                                                                       plan.name):
+            raise GateRefused(f"cutover refused: the last verify (in the window) found differences; run "
+                              f"`{states.command('verify --repair', plan_path)}`")
+        if not dry_run and phase not in ("verified", "exposed"):
             if phase == "mismatch":
                 last = status_phase.last_verify(conn, options.state_schema, plan.name)
                 count = int(last["mismatched_rows"]) if last else 0
@@ -428,7 +486,7 @@ def cutover(options: Options, plan_path: Path, *, lock_timeout: str | None = Non
         def flip() -> tuple[list[Unit], Unit]:
             units = cutover_phase.cutover_units(conn, spec, plan.cutover.mode, timeout,
                                                 attempts or plan.cutover.attempts, catalog.current_user(conn),
-                                                with_keys=phase in states.BACKFILLED)
+                                                with_keys=phase in states.BACKFILLED, window=phase == "exposed")
             conn.rollback()
             return units
 
@@ -489,6 +547,8 @@ def rollback(options: Options, plan_path: Path, *, dry_run: bool = False, conn: 
         def rollback_units() -> list[Unit]:
             if row is not None and phase == "cut_over":
                 return [rollback_phase.uncutover_unit(conn, spec, row.cutover or {}, timeout, attempts, user)]
+            if phase == "exposed":
+                return [expose_phase.close_unit(spec, timeout, attempts)]
             return [rollback_phase.teardown_unit(conn, spec, timeout, attempts)]
 
         if dry_run:
@@ -512,7 +572,11 @@ def rollback(options: Options, plan_path: Path, *, dry_run: bool = False, conn: 
             conn.rollback()
             for unit in units:
                 executor.run(unit)
-        if phase == "cut_over":
+        if phase == "exposed":
+            log.success(f"closed the window of {plan.name}: {spec.blue.display()} is live, green is kept in sync one "
+                        f"way; the version schemas are gone")
+            _next(options, "reverted", plan_path)
+        elif phase == "cut_over":
             log.success(f"rolled back the cutover of {plan.name}: {spec.blue.display()} is blue again; green is "
                         f"kept in sync; verify, then cut over again (or roll back again to drop green)")
             _next(options, "reverted", plan_path)
@@ -628,7 +692,7 @@ def run(options: Options, plan_path: Path, *, through: str = "cutover", auto_rol
     cutover rolls back and exits 1."""
     if through not in RUN_PHASES:
         raise UsageError(f"--through: unknown phase {through!r}; choose from {', '.join(RUN_PHASES)}")
-    steps = RUN_PHASES[:RUN_PHASES.index(through) + 1]
+    steps = [p for p in RUN_PHASES[:RUN_PHASES.index(through) + 1] if p != "expose" or through == "expose"]
     inner = replace(options, hints=False)        # run itself goes on to the next phase
     for phase in steps:
         log.console.rule(f"[bold]{phase}")
@@ -641,6 +705,8 @@ def run(options: Options, plan_path: Path, *, through: str = "cutover", auto_rol
                 backfill(inner, plan_path)
             elif phase == "verify":
                 verify(inner, plan_path)
+            elif phase == "expose":
+                expose(inner, plan_path)
             else:
                 cutover(inner, plan_path)
         except (ParityMismatch, DatabaseError) as error:
@@ -650,5 +716,5 @@ def run(options: Options, plan_path: Path, *, through: str = "cutover", auto_rol
             rollback(inner, plan_path)
             raise GateRefused(f"run stopped at {phase} and rolled back: {error}") from None
     reached = {"validate": None, "prepare": "prepared", "backfill": "backfilled", "verify": "verified",
-               "cutover": "cut_over"}[through]
+               "expose": "exposed", "cutover": "cut_over"}[through]
     _next(options, reached, plan_path)

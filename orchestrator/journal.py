@@ -43,9 +43,9 @@ def journal_unit(schema: str) -> Unit:
     return Unit("state journal", [Statement(d, s) for d, s in steps], phase="prepare")
 
 
-def phase_statement(spec: MigrationSpec, phase: str) -> Statement:
+def phase_statement(spec: MigrationSpec, phase: str, *, keep_exposed: bool = False) -> Statement:
     [(description, text)] = render_steps("migration_phase.sql.j2", schema=spec.state_schema,
-                                         name=spec.name, phase=phase)
+                                         name=spec.name, phase=phase, keep_exposed=keep_exposed)
     return Statement(description, text)
 
 

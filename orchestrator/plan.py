@@ -156,6 +156,22 @@ class Cutover(_Strict):
     _timeout = field_validator("lock_timeout", mode="before")(_duration)
 
 
+class Versions(_Strict):
+    """The schemas `expose` creates: each holds one writable view named like the live table, in blue's
+    or green's shape, so an application release picks its shape with search_path."""
+
+    blue: PlainName = Field(description="Schema of the old release's view (blue's shape).")
+    green: PlainName = Field(description="Schema of the new release's view (green's shape).")
+
+    _names = field_validator("blue", "green")(_plain_name)
+
+    @model_validator(mode="after")
+    def _different(self) -> Versions:
+        if self.blue == self.green:
+            raise ValueError("blue and green need two different schemas")
+        return self
+
+
 class Plan(_Strict):
     """A bgsync migration plan."""
 
@@ -172,6 +188,8 @@ class Plan(_Strict):
     cutover: Cutover = Field(default_factory=Cutover)
     views: list[ViewQuery] = Field(
         default_factory=list, description="Replacement queries for dependent views that cannot read green as they are.")
+    versions: Versions | None = Field(
+        default=None, description="Schemas that show each shape under the live name, created by `expose`.")
 
     @field_validator("source", "target")
     @classmethod

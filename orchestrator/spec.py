@@ -102,6 +102,8 @@ class MigrationSpec:
     blue_identity_always: list[str] = field(default_factory=list)
     feeds: list[Feed] = field(default_factory=list)
     views: list[ViewSpec] = field(default_factory=list)
+    versions: dict[str, str] = field(default_factory=dict)   # {"blue": schema, "green": schema} for expose
+    blue_columns: list[str] = field(default_factory=list)     # blue's columns, in order (blue's shape)
 
     @property
     def integer_key(self) -> bool:
@@ -143,6 +145,9 @@ class SyncSpec:
     triggers: dict[str, str]
     search_path: list[str]
     settings: dict[str, str] = field(default_factory=dict)
+    two_way: bool = False            # the window of `expose`: both directions on, loop-guarded
+    direction: str = "forward"
+    other: str = "reverse"
 
     @property
     def target_columns(self) -> list[str]:
@@ -153,24 +158,29 @@ class SyncSpec:
         return [name for name, _ in self.columns if name not in self.target_key]
 
 
-def forward_sync(spec: MigrationSpec) -> SyncSpec:
-    """blue -> green, from prepare until cutover (and again after a rollback of the cutover)."""
-    return SyncSpec(function=spec.forward_function, source=spec.blue, target=spec.green,
+def forward_sync(spec: MigrationSpec, *, source: QualifiedName | None = None, target: QualifiedName | None = None,
+                 two_way: bool = False) -> SyncSpec:
+    """blue -> green, from prepare until cutover (and again after a rollback of the cutover); in the
+    window of `expose` also after cutover, from the retired blue (`source`) to the live table (`target`)."""
+    return SyncSpec(function=spec.forward_function, source=source or spec.blue, target=target or spec.green,
                     columns=[(c.name, c.source_expr) for c in spec.written_columns if c.source_expr is not None],
                     target_key=spec.green_key, source_key=spec.blue_key, triggers=spec.triggers,
-                    search_path=spec.search_path, settings=spec.settings)
+                    search_path=spec.search_path, settings=spec.settings, two_way=two_way)
 
 
-def reverse_sync(spec: MigrationSpec, live: QualifiedName) -> SyncSpec:
-    """green (under its live name) -> retired blue, from cutover until finalize."""
+def reverse_sync(spec: MigrationSpec, live: QualifiedName, *, target: QualifiedName | None = None,
+                 two_way: bool = False) -> SyncSpec:
+    """green (under its live name) -> retired blue, from cutover until finalize; in the window of
+    `expose` also before cutover, into blue under its own name (`target`)."""
     return SyncSpec(function=QualifiedName(spec.state_schema, f"{spec.name}_reverse"), source=live,
-                    target=spec.retired,
+                    target=target or spec.retired,
                     columns=[(c.reverse_column, c.reverse_expr) for c in spec.columns
                              if c.reverse_column is not None and c.reverse_expr is not None
                              and c.reverse_column not in spec.blue_generated],
                     target_key=spec.blue_key, source_key=spec.green_key,
                     triggers={op: f"bgsync_{spec.name}_rev_{op}" for op in ("ins", "upd", "del", "trunc")},
-                    search_path=spec.search_path, settings=spec.settings)
+                    search_path=spec.search_path, settings=spec.settings, two_way=two_way,
+                    direction="reverse", other="forward")
 
 
 def fit_name(base: str, suffix: str = "") -> str:
@@ -376,7 +386,9 @@ def build_spec(plan: Plan, blue: TableInfo, state_schema: str = DEFAULT_STATE_SC
         blue_key_collations=[c.collation for c in key_columns], settings=dict(settings or {}),
         blue_generated=blue.generated_columns(),
         blue_identity_always=[c.name for c in blue.columns if c.identity == "a" and c.name in written_back],
-        feeds=feeds, views=views)
+        feeds=feeds, views=views,
+        versions={} if plan.versions is None else {"blue": plan.versions.blue, "green": plan.versions.green},
+        blue_columns=[c.name for c in blue.columns])
     return spec, []
 
 

@@ -3,8 +3,8 @@
 -- plpgsql and SQL-standard functions, a function returning the table's row type, BEFORE and AFTER
 -- triggers, a GIN index, row-level security, a publication, comments, storage parameters and a
 -- sequence shared with another table. tests/test_fidelity.py migrates `orders` through every phase.
-CREATE ROLE shop_reader NOLOGIN;
-CREATE ROLE shop_writer NOLOGIN;
+DO $$ BEGIN CREATE ROLE shop_reader NOLOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$;
+DO $$ BEGIN CREATE ROLE shop_writer NOLOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$;
 
 CREATE TABLE public.customers (
     id     bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,

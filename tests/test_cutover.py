@@ -246,7 +246,8 @@ def test_view_foreign_key_and_identity_follow_each_flip(dsn: str, tmp_path: Path
     assert bgsync(dsn, "rollback", str(plan)).code == 1
 
 
-STATUS_KEYS = {"name", "phase", "source", "target", "retired", "mode", "backfill", "verify", "verify_before_rollback",
+STATUS_KEYS = {"name", "phase", "source", "target", "retired", "mode", "window", "backfill", "verify",
+               "verify_before_rollback",
                "rolled_back_at", "triggers", "drift"}
 BACKFILL_KEYS = {"partitions", "partitions_done", "rows_copied", "rows_estimate", "rows_per_second", "eta_seconds"}
 

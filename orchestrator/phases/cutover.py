@@ -179,7 +179,7 @@ def read_surround(conn: Conn, spec: MigrationSpec, free: FreeNames) -> Surround:
     oid = catalog.regclass_oid(conn, str(spec.blue))
     if oid is None:
         return Surround()
-    views = catalog.dependent_views(conn, str(spec.blue))
+    views = own_views_excluded(spec, catalog.dependent_views(conn, str(spec.blue)))
     queries = view_queries(spec, views)
     matviews = []
     for view in views:
@@ -199,6 +199,12 @@ def read_surround(conn: Conn, spec: MigrationSpec, free: FreeNames) -> Surround:
     return Surround(views=views, functions=surroundings.dependent_functions(conn, oid),
                     triggers=surroundings.user_triggers(conn, oid), rls=surroundings.row_security(conn, oid),
                     publications=surroundings.publications(conn, oid), matviews=matviews)
+
+
+def own_views_excluded(spec: MigrationSpec, views: list[ViewDef]) -> list[ViewDef]:
+    """The views of `expose`'s version schemas are bgsync's own, each tied to one table on purpose."""
+    schemas = set(spec.versions.values())
+    return [v for v in views if v.name.schema not in schemas]
 
 
 def view_queries(spec: MigrationSpec, views: list[ViewDef]) -> dict[str, str]:
@@ -330,19 +336,44 @@ def publication_columns(spec: MigrationSpec, memberships: list[Membership], *, t
                        m.row_filter) for m in memberships]
 
 
+def window_defaults(spec: MigrationSpec, flip: Flip) -> list[tuple[QualifiedName, str, str]]:
+    """After a cutover in the window of `expose`, both version views draw ids from the live table's
+    sequence: green's, which the flip gives blue's old name (or keeps its own in another schema)."""
+    from orchestrator.phases.expose import version_views
+
+    blue_view, green_view = version_views(spec)
+    out = []
+    for pair in flip.sequences:
+        seq = pair["from_seq"] if pair["to_seq"].schema == pair["from_seq"].schema else pair["to_seq"]
+        col = next(c for c in spec.columns if c.name == pair["column"])
+        if col.reverse_column is not None:
+            out += [(blue_view, col.reverse_column, str(seq)), (green_view, col.name, str(seq))]
+    for col in spec.columns:
+        if col.shared_sequence and col.reverse_column is not None:
+            out += [(blue_view, col.reverse_column, col.shared_sequence), (green_view, col.name, col.shared_sequence)]
+    return out
+
+
 def cutover_units(conn: Conn, spec: MigrationSpec, mode: str, lock_timeout: str, attempts: int,
-                  current_user: str, *, with_keys: bool = True) -> tuple[list[Unit], Unit]:
+                  current_user: str, *, with_keys: bool = True, window: bool = False) -> tuple[list[Unit], Unit]:
     """(units before the lock: foreign keys green still lacks, green analyzed, the materialized views'
     copies), then the flip itself. Before the backfill, green's foreign keys are the backfill's to add
     (`with_keys=False`: a printed cutover shows what cutover itself runs after it)."""
     flip = plan_flip(conn, spec, mode)
     surround = flip.surround
+    record = {**flip.record, "window": window}
     lock = [spec.blue, spec.green, *(v.name for v in surround.plain_views)]
+    if window:
+        from orchestrator.phases.expose import version_views
+
+        lock = [*version_views(spec), *lock]     # the version views change too; their writers hold them first
+    forward = forward_sync(spec, source=spec.retired, target=flip.live, two_way=True) if window else forward_sync(spec)
     steps = render_steps(
-        "cutover.sql.j2", spec=spec, spec_mode=mode, forward=forward_sync(spec),
-        reverse=reverse_sync(spec, flip.live), sequences=flip.sequences, renames=flip.renames,
+        "cutover.sql.j2", spec=spec, spec_mode=mode, forward=forward,
+        reverse=reverse_sync(spec, flip.live, two_way=window), sequences=flip.sequences, renames=flip.renames,
+        window=window, defaults=window_defaults(spec, flip) if window else [],
         views=surround.plain_views, fk_target=flip.live,
-        view_columns=[c.name for c in spec.columns], current_user=current_user, record=json.dumps(flip.record),
+        view_columns=[c.name for c in spec.columns], current_user=current_user, record=json.dumps(record),
         lock_relations=list(dict.fromkeys(lock)), lock_timeout=lock_timeout,
         create_views=[view_columns_kept(v, flip.queries[str(v.name)]) for v in surround.plain_views],
         queries=flip.queries, functions=surround.functions, drop_triggers=surround.triggers,
@@ -352,7 +383,8 @@ def cutover_units(conn: Conn, spec: MigrationSpec, mode: str, lock_timeout: str,
         shared_sequences=[(c.shared_sequence, c.name) for c in spec.columns if c.shared_sequence])
     statements = [Statement(d, s) for d, s in steps]
     statements[-1] = Statement(statements[-1].description, statements[-1].sql,
-                               expect_rows=f"cutover {spec.name} refused: the migration is no longer verified")
+                               expect_rows=f"cutover {spec.name} refused: the migration is no longer "
+                                           f"{'exposed' if window else 'verified'}")
     unit = Unit(f"cutover {spec.name}: {spec.blue.display()} becomes green ({mode} mode)", statements,
                 lock_timeout=lock_timeout, attempts=attempts, phase="cutover")
     before = keys_units(conn, spec, lock_timeout, attempts, "cutover") if with_keys else []

@@ -16,11 +16,13 @@ from orchestrator.names import QualifiedName
 from orchestrator.phases.cutover import (
     FreeNames,
     Rename,
+    own_views_excluded,
     plan_flip,
     sequence_pairs,
     surround_from_json,
     trigger_statements,
 )
+from orchestrator.phases.expose import version_views
 from orchestrator.phases.keys import retired_keys, shadow_name, shadows_of
 from orchestrator.render import render_steps
 from orchestrator.spec import MigrationSpec, forward_sync, reverse_sync
@@ -47,7 +49,7 @@ def views_on_live(conn: Conn, spec: MigrationSpec, mode: str) -> list[ViewDef]:
         names = {v.name for v in found}
         found += [v for v in catalog.dependent_views(conn, str(spec.green)) if v.name not in names
                   and v.name != spec.blue]
-    return found
+    return own_views_excluded(spec, found)
 
 
 def uncutover_unit(conn: Conn, spec: MigrationSpec, record: dict[str, Any], lock_timeout: str, attempts: int,
@@ -90,7 +92,10 @@ def _uncutover(conn: Conn, spec: MigrationSpec, record: dict[str, Any], views: l
         renames.append(Rename("view", spec.blue.schema, spec.blue.name, parked))
     renames += [Rename(**r).inverse() for r in reversed(record.get("renames", []))]
     plain_now = [v for v in views if v.kind == "v"]
+    window = bool(record.get("window"))
     lock = [*([spec.blue] if mode == "view" else []), live, spec.retired, *(v.name for v in plain_now)]
+    if window:
+        lock = [*version_views(spec), *lock]
     blue_column = {c.name: c.reverse_column or c.name for c in spec.columns}
     steps = render_steps(
         "uncutover.sql.j2", spec=spec, spec_mode=mode, live=live, forward=forward_sync(spec),
@@ -107,7 +112,8 @@ def _uncutover(conn: Conn, spec: MigrationSpec, record: dict[str, Any], views: l
         rls=dataclasses.replace(surround.rls, enabled=False, forced=False, policies=[]),
         add_publications=surround.publications,
         shared_sequences=[(c.shared_sequence, blue_column[c.name]) for c in spec.columns if c.shared_sequence],
-        matviews=surround.matviews)
+        matviews=surround.matviews, window=window,
+        window_views=list(version_views(spec)) if window else [])
     statements = [Statement(d, s) for d, s in steps]
     statements[-1] = Statement(statements[-1].description, statements[-1].sql,
                                expect_rows=f"rollback {spec.name} refused: the migration is no longer cut over")
@@ -122,9 +128,11 @@ def finalize_units(conn: Conn, spec: MigrationSpec, record: dict[str, Any], lock
     mode = str(record.get("mode", "rename"))
     surround = surround_from_json(record.get("surround"))
     reverse = reverse_sync(spec, live_table(spec, mode))
+    window = bool(record.get("window"))
     unhooking = [Statement(d, s) for d, s in render_steps(
         "finalize_unhook.sql.j2", spec=spec, reverse=reverse, lock_timeout=lock_timeout,
-        lock_relations=[live_table(spec, mode)])]
+        lock_relations=[*(version_views(spec) if window else []), live_table(spec, mode)], window=window,
+        live=live_table(spec, mode))]
     unhooking[-1] = Statement(unhooking[-1].description, unhooking[-1].sql,
                               expect_rows=f"finalize {spec.name} refused: the migration is no longer cut over")
     unhook = Unit(f"finalize {spec.name}: the reverse sync leaves the live table {spec.blue.display()}", unhooking,
@@ -136,7 +144,8 @@ def finalize_units(conn: Conn, spec: MigrationSpec, record: dict[str, Any], lock
     else:
         keys = retired_keys(conn, spec.retired, live)
     steps = render_steps("finalize.sql.j2", spec=spec, forward=forward_sync(spec), reverse=reverse,
-                         matviews=surround.matviews, retired_keys=keys)
+                         matviews=surround.matviews, retired_keys=keys,
+                         window_views=[version_views(spec)[0]] if window else [])
     statements = [Statement(d, s) for d, s in steps]
     statements[-1] = Statement(statements[-1].description, statements[-1].sql,
                                expect_rows=f"finalize {spec.name} refused: the migration is not being finalized")

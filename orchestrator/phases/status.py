@@ -17,15 +17,23 @@ STATUS_VERSION = 1
 FORWARD_PHASES = ("prepared", "backfilling", "backfilled", "verified", "mismatch", "reverted")
 
 
-def expected_objects(spec: MigrationSpec, phase: str, mode: str) -> tuple[dict[str, list[str]], list[str]]:
+def expected_objects(spec: MigrationSpec, phase: str, mode: str, window: bool = False
+                     ) -> tuple[dict[str, list[str]], list[str]]:
     """(table -> triggers that must exist ENABLE ALWAYS, tables that must exist) for a phase."""
+    if phase == "exposed":
+        forward, reverse = forward_sync(spec), reverse_sync(spec, spec.green, target=spec.blue)
+        return ({forward.source.display(): list(forward.triggers.values()),
+                 reverse.source.display(): list(reverse.triggers.values())}, [str(spec.blue), str(spec.green)])
     if phase in FORWARD_PHASES:
         forward = forward_sync(spec)
         return {forward.source.display(): list(forward.triggers.values())}, [str(spec.blue), str(spec.green)]
     if phase == "cut_over":
         live = spec.blue if mode == "rename" else spec.green
         reverse = reverse_sync(spec, live)
-        return {reverse.source.display(): list(reverse.triggers.values())}, [str(live), str(spec.retired)]
+        expected = {reverse.source.display(): list(reverse.triggers.values())}
+        if window:
+            expected[spec.retired.display()] = list(spec.triggers.values())
+        return expected, [str(live), str(spec.retired)]
     if phase == "finalizing":
         return {}, [str(spec.blue if mode == "rename" else spec.green)]
     return {}, []
@@ -54,7 +62,8 @@ def migration_status(conn: Conn, schema: str, name: str) -> dict[str, Any]:
     rolled_back_at = last_rollback(conn, schema, name)
     verify = last_verify(conn, schema, name, since=rolled_back_at)
     before_rollback = None if rolled_back_at is None else last_verify(conn, schema, name, before=rolled_back_at)
-    triggers_expected, tables_expected = expected_objects(spec, row.phase, mode)
+    window = row.phase == "exposed" or bool((row.cutover or {}).get("window"))
+    triggers_expected, tables_expected = expected_objects(spec, row.phase, mode, window)
     drift: list[str] = []
     present_all: dict[str, dict[str, str]] = {}
     for table, names in triggers_expected.items():
@@ -75,6 +84,7 @@ def migration_status(conn: Conn, schema: str, name: str) -> dict[str, Any]:
         "target": spec.green.display(),
         "retired": spec.retired.display(),
         "mode": mode,
+        "window": spec.versions if window and spec.versions else None,
         "backfill": {
             "partitions": total, "partitions_done": done, "rows_copied": copied, "rows_estimate": estimate,
             "rows_per_second": None if rate is None else round(rate, 1),
@@ -93,6 +103,11 @@ def last_rollback(conn: Conn, schema: str, name: str) -> datetime | None:
     row = conn.execute(f"""SELECT max(at) FROM {quote_ident(schema)}.events
                             WHERE migration = %s AND phase = 'rollback' AND outcome = 'ok'""", [name]).fetchone()
     return None if row is None else row[0]
+
+
+def last_verify_passed(conn: Conn, schema: str, name: str) -> bool:
+    last = last_verify(conn, schema, name)
+    return last is not None and bool(last["passed"])
 
 
 def last_verify(conn: Conn, schema: str, name: str, *, since: datetime | None = None,

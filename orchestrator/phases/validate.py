@@ -104,7 +104,23 @@ def validate_live(conn: Conn, plan: Plan, state_schema: str) -> Validation:
     if problems:
         raise PlanError(problems)
     return Validation(plan=plan, blue=blue, spec=spec, dependents=dependents(conn, spec, oid, surround),
-                      migration=migration, notes=probe.notes, properties=properties)
+                      migration=migration, notes=probe.notes + shape_notes(spec), properties=properties)
+
+
+def shape_notes(spec: MigrationSpec) -> list[str]:
+    """A plan that renames or drops blue's columns changes what a running application can read."""
+    green = {c.name for c in spec.columns}
+    gone = [c for c in spec.blue_columns if c not in green]
+    if not gone:
+        return []
+    if spec.versions:
+        how = (f"`bgsync expose` gives them {spec.versions['blue']}.{spec.blue.name} (blue's shape) and the new "
+               f"release {spec.versions['green']}.{spec.blue.name}, through search_path, until finalize")
+    else:
+        how = ("add `versions: {blue: SCHEMA, green: SCHEMA}` and run `bgsync expose` to serve both shapes, or "
+               "change them at the flip")
+    return [f"green has no column {', '.join(gone)} (renamed or dropped): applications that use the old names break at "
+            f"cutover; {how}"]
 
 
 def dependents(conn: Conn, spec: MigrationSpec, oid: int, surround: Surround) -> list[Dependent]:

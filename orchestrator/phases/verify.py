@@ -345,7 +345,7 @@ def run(conn: Conn, dsn: str, spec: MigrationSpec, workers: int, *, record: bool
 def record_result(executor: Executor, spec: MigrationSpec, report: Report, started_at: datetime) -> None:
     statements = [
         _with(_statement("verify_record.sql.j2", spec=spec), [started_at, report.passed, json.dumps(report.as_json())]),
-        phase_statement(spec, "verified" if report.passed else "mismatch"),
+        phase_statement(spec, "verified" if report.passed else "mismatch", keep_exposed=True),
     ]
     executor.run(Unit(f"verify {spec.name}: record the result", statements, phase="verify"))
 
