@@ -101,7 +101,7 @@ def test_plan_json_schema_names_every_field() -> None:
     assert result.code == 0
     schema = json.loads(result.out)
     assert set(schema["properties"]) == {"name", "source", "target", "key", "columns", "indexes", "checks",
-                                         "backfill", "verify", "cutover", "views"}
+                                         "backfill", "verify", "cutover", "views", "versions"}
     assert {"definition", "columns", "name", "unique", "where"} <= set(schema["$defs"]["Index"]["properties"])
     column = schema["$defs"]["Column"]["properties"]
     assert {"from", "reverse", "reverse_column", "default", "not_null", "type", "name"} <= set(column)
@@ -123,6 +123,6 @@ def test_readme_plan_reference_covers_the_json_schema() -> None:
     expected |= {f"columns[].{name}" for name in schema["$defs"]["Column"]["properties"]}
     missing = {e for e in expected if e not in documented}
     assert not missing, f"README plan reference lacks {sorted(missing)}"
-    for nested in ("Index", "Check", "Backfill", "Verify", "Cutover", "ViewQuery"):
+    for nested in ("Index", "Check", "Backfill", "Verify", "Cutover", "ViewQuery", "Versions"):
         for name in schema["$defs"][nested]["properties"]:
             assert name in section, f"README plan reference lacks {nested}.{name}"

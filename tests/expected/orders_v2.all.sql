@@ -145,8 +145,8 @@ ALTER TABLE "public"."orders" ENABLE ALWAYS TRIGGER "bgsync_orders_v2_fwd_del";
 ALTER TABLE "public"."orders" ENABLE ALWAYS TRIGGER "bgsync_orders_v2_fwd_trunc";
 -- register the migration (refused by a unique index if another one is active on the source)
 INSERT INTO "bgsync"."migrations" (name, source, target, phase, plan_hash, plan, spec, plan_source)
-VALUES ('orders_v2', '"public"."orders"', '"public"."orders_v2"', 'prepared', '99f95aedf938f474',
-        '{"checks": [{"expression": "total_amount >= 0", "name": "orders_total_amount_nonneg"}], "columns": [{"default": null, "from": null, "name": "id", "not_null": true, "reverse": null, "reverse_column": null, "type": "bigint"}, {"default": null, "from": null, "name": "customer_id", "not_null": true, "reverse": null, "reverse_column": null, "type": "bigint"}, {"default": null, "from": "amount::numeric(12,2)", "name": "total_amount", "not_null": true, "reverse": "round(total_amount)::integer", "reverse_column": "amount", "type": "numeric(12,2)"}, {"default": "''new''", "from": "state", "name": "status", "not_null": true, "reverse": null, "reverse_column": null, "type": "text"}, {"default": null, "from": null, "name": "note", "not_null": false, "reverse": null, "reverse_column": null, "type": "text"}, {"default": "now()", "from": null, "name": "created_at", "not_null": true, "reverse": null, "reverse_column": null, "type": "timestamptz"}], "cutover": {"mode": "rename", "retired_name": "orders_old"}, "indexes": [{"columns": ["customer_id"], "definition": null, "name": null, "unique": false, "where": null}, {"columns": ["status"], "definition": null, "name": null, "unique": false, "where": "status <> ''void''"}], "key": ["id"], "name": "orders_v2", "source": "public.orders", "target": "public.orders_v2", "views": []}'::jsonb,  E'{"blue": {"name": "orders", "schema": "public"}, "blue_generated": [], "blue_identity_always": [], "blue_key": ["id"], "blue_key_collations": [null], "blue_key_types": ["bigint"], "blue_owner": "postgres", "checks": [{"expression": "total_amount >= 0", "name": "orders_total_amount_nonneg"}], "columns": [{"blue_sequence": "public.orders_id_seq", "default": "nextval(''\\"public\\".\\"orders_v2_id_seq\\"''::regclass)", "default_inherited": true, "generated": null, "identity": "", "name": "id", "not_null": true, "reverse_column": "id", "reverse_expr": "\\"id\\"", "reverse_origin": "column", "sequence": "orders_v2_id_seq", "shared_sequence": null, "source_expr": "\\"id\\"", "type": "bigint"}, {"blue_sequence": null, "default": null, "default_inherited": false, "generated": null, "identity": "", "name": "customer_id", "not_null": true, "reverse_column": "customer_id", "reverse_expr": "\\"customer_id\\"", "reverse_origin": "column", "sequence": null, "shared_sequence": null, "source_expr": "\\"customer_id\\"", "type": "bigint"}, {"blue_sequence": null, "default": null, "default_inherited": false, "generated": null, "identity": "", "name": "total_amount", "not_null": true, "reverse_column": "amount", "reverse_expr": "round(total_amount)::integer", "reverse_origin": "explicit", "sequence": null, "shared_sequence": null, "source_expr": "amount::numeric(12,2)", "type": "numeric(12,2)"}, {"blue_sequence": null, "default": "''new''", "default_inherited": false, "generated": null, "identity": "", "name": "status", "not_null": true, "reverse_column": "state", "reverse_expr": "\\"status\\"", "reverse_origin": "column", "sequence": null, "shared_sequence": null, "source_expr": "state", "type": "text"}, {"blue_sequence": null, "default": null, "default_inherited": false, "generated": null, "identity": "", "name": "note", "not_null": false, "reverse_column": "note", "reverse_expr": "\\"note\\"", "reverse_origin": "column", "sequence": null, "shared_sequence": null, "source_expr": "\\"note\\"", "type": "text"}, {"blue_sequence": null, "default": "now()", "default_inherited": false, "generated": null, "identity": "", "name": "created_at", "not_null": true, "reverse_column": "created_at", "reverse_expr": "\\"created_at\\"", "reverse_origin": "column", "sequence": null, "shared_sequence": null, "source_expr": "\\"created_at\\"", "type": "timestamptz"}], "feeds": [{"blue_column": "id", "how": "copied back", "source": "id"}, {"blue_column": "customer_id", "how": "copied back", "source": "customer_id"}, {"blue_column": "amount", "how": "reverse", "source": "round(total_amount)::integer"}, {"blue_column": "state", "how": "copied back", "source": "status"}, {"blue_column": "note", "how": "copied back", "source": "note"}, {"blue_column": "created_at", "how": "copied back", "source": "created_at"}], "forward_function": {"name": "orders_v2_forward", "schema": "bgsync"}, "grants": [], "green": {"name": "orders_v2", "schema": "public"}, "green_key": ["id"], "indexes": [{"columns": ["customer_id"], "definition": null, "name": "orders_v2_customer_id_idx", "unique": false, "where": null}, {"columns": ["status"], "definition": null, "name": "orders_v2_status_idx", "unique": false, "where": "status <> ''void''"}], "name": "orders_v2", "plan_hash": "99f95aedf938f474", "primary_key_name": "orders_v2_pkey", "retired": {"name": "orders_old", "schema": "public"}, "search_path": ["pg_catalog", "public", "pg_temp"], "settings": {}, "state_schema": "bgsync", "triggers": {"del": "bgsync_orders_v2_fwd_del", "ins": "bgsync_orders_v2_fwd_ins", "trunc": "bgsync_orders_v2_fwd_trunc", "upd": "bgsync_orders_v2_fwd_upd"}, "views": []}'::jsonb, '# A type change with a rename: integer `amount` becomes numeric `total_amount`,
+VALUES ('orders_v2', '"public"."orders"', '"public"."orders_v2"', 'prepared', '71c1a68d96fb6123',
+        '{"checks": [{"expression": "total_amount >= 0", "name": "orders_total_amount_nonneg"}], "columns": [{"default": null, "from": null, "name": "id", "not_null": true, "reverse": null, "reverse_column": null, "type": "bigint"}, {"default": null, "from": null, "name": "customer_id", "not_null": true, "reverse": null, "reverse_column": null, "type": "bigint"}, {"default": null, "from": "amount::numeric(12,2)", "name": "total_amount", "not_null": true, "reverse": "round(total_amount)::integer", "reverse_column": "amount", "type": "numeric(12,2)"}, {"default": "''new''", "from": "state", "name": "status", "not_null": true, "reverse": null, "reverse_column": null, "type": "text"}, {"default": null, "from": null, "name": "note", "not_null": false, "reverse": null, "reverse_column": null, "type": "text"}, {"default": "now()", "from": null, "name": "created_at", "not_null": true, "reverse": null, "reverse_column": null, "type": "timestamptz"}], "cutover": {"mode": "rename", "retired_name": "orders_old"}, "indexes": [{"columns": ["customer_id"], "definition": null, "name": null, "unique": false, "where": null}, {"columns": ["status"], "definition": null, "name": null, "unique": false, "where": "status <> ''void''"}], "key": ["id"], "name": "orders_v2", "source": "public.orders", "target": "public.orders_v2", "versions": null, "views": []}'::jsonb,  E'{"blue": {"name": "orders", "schema": "public"}, "blue_columns": ["id", "customer_id", "amount", "state", "note", "created_at"], "blue_generated": [], "blue_identity_always": [], "blue_key": ["id"], "blue_key_collations": [null], "blue_key_types": ["bigint"], "blue_owner": "postgres", "checks": [{"expression": "total_amount >= 0", "name": "orders_total_amount_nonneg"}], "columns": [{"blue_sequence": "public.orders_id_seq", "default": "nextval(''\\"public\\".\\"orders_v2_id_seq\\"''::regclass)", "default_inherited": true, "generated": null, "identity": "", "name": "id", "not_null": true, "reverse_column": "id", "reverse_expr": "\\"id\\"", "reverse_origin": "column", "sequence": "orders_v2_id_seq", "shared_sequence": null, "source_expr": "\\"id\\"", "type": "bigint"}, {"blue_sequence": null, "default": null, "default_inherited": false, "generated": null, "identity": "", "name": "customer_id", "not_null": true, "reverse_column": "customer_id", "reverse_expr": "\\"customer_id\\"", "reverse_origin": "column", "sequence": null, "shared_sequence": null, "source_expr": "\\"customer_id\\"", "type": "bigint"}, {"blue_sequence": null, "default": null, "default_inherited": false, "generated": null, "identity": "", "name": "total_amount", "not_null": true, "reverse_column": "amount", "reverse_expr": "round(total_amount)::integer", "reverse_origin": "explicit", "sequence": null, "shared_sequence": null, "source_expr": "amount::numeric(12,2)", "type": "numeric(12,2)"}, {"blue_sequence": null, "default": "''new''", "default_inherited": false, "generated": null, "identity": "", "name": "status", "not_null": true, "reverse_column": "state", "reverse_expr": "\\"status\\"", "reverse_origin": "column", "sequence": null, "shared_sequence": null, "source_expr": "state", "type": "text"}, {"blue_sequence": null, "default": null, "default_inherited": false, "generated": null, "identity": "", "name": "note", "not_null": false, "reverse_column": "note", "reverse_expr": "\\"note\\"", "reverse_origin": "column", "sequence": null, "shared_sequence": null, "source_expr": "\\"note\\"", "type": "text"}, {"blue_sequence": null, "default": "now()", "default_inherited": false, "generated": null, "identity": "", "name": "created_at", "not_null": true, "reverse_column": "created_at", "reverse_expr": "\\"created_at\\"", "reverse_origin": "column", "sequence": null, "shared_sequence": null, "source_expr": "\\"created_at\\"", "type": "timestamptz"}], "feeds": [{"blue_column": "id", "how": "copied back", "source": "id"}, {"blue_column": "customer_id", "how": "copied back", "source": "customer_id"}, {"blue_column": "amount", "how": "reverse", "source": "round(total_amount)::integer"}, {"blue_column": "state", "how": "copied back", "source": "status"}, {"blue_column": "note", "how": "copied back", "source": "note"}, {"blue_column": "created_at", "how": "copied back", "source": "created_at"}], "forward_function": {"name": "orders_v2_forward", "schema": "bgsync"}, "grants": [], "green": {"name": "orders_v2", "schema": "public"}, "green_key": ["id"], "indexes": [{"columns": ["customer_id"], "definition": null, "name": "orders_v2_customer_id_idx", "unique": false, "where": null}, {"columns": ["status"], "definition": null, "name": "orders_v2_status_idx", "unique": false, "where": "status <> ''void''"}], "name": "orders_v2", "plan_hash": "71c1a68d96fb6123", "primary_key_name": "orders_v2_pkey", "retired": {"name": "orders_old", "schema": "public"}, "search_path": ["pg_catalog", "public", "pg_temp"], "settings": {}, "state_schema": "bgsync", "triggers": {"del": "bgsync_orders_v2_fwd_del", "ins": "bgsync_orders_v2_fwd_ins", "trunc": "bgsync_orders_v2_fwd_trunc", "upd": "bgsync_orders_v2_fwd_upd"}, "versions": {}, "views": []}'::jsonb, '# A type change with a rename: integer `amount` becomes numeric `total_amount`,
 # `state` becomes `status`; the reverse expressions keep blue fed after cutover.
 name: orders_v2
 source: public.orders
@@ -311,6 +311,9 @@ SELECT ARRAY["id"::text],
  WHERE ("id") > ($1::bigint) AND ("id") <= ($2::bigint);
 COMMIT;
 
+-- phase: expose
+-- expose orders_v2: the plan has no `versions`, so there is no window for two releases
+
 -- phase: cutover
 -- cutover orders_v2: not prepared yet; this is the SQL cutover runs after prepare, backfill and a passing verify (green's shape comes from the plan)
 
@@ -329,21 +332,31 @@ EXCEPTION WHEN insufficient_privilege THEN
     NULL;
 END
 $bgsync$;
--- bound this transaction's lock waits (lock_timeout 2s; less where deadlock_timeout could not be lowered)
-SELECT set_config('lock_timeout', w.first, true), set_config('statement_timeout', w.first, true),
-       set_config('bgsync.later_lock_timeout', w.later, true)
-  FROM (SELECT (ceil(extract(epoch FROM CASE WHEN lowered THEN t ELSE least(t, dt / 2) END) * 1000))::int::text
-               || 'ms' AS first,
-               (ceil(extract(epoch FROM CASE WHEN lowered THEN t ELSE least(t, dt / 10) END) * 1000))::int::text
-               || 'ms' AS later
-          FROM (SELECT '2s'::interval AS t, (s.reset_val || s.unit)::interval AS dt,
-                       current_setting('deadlock_timeout')::interval < (s.reset_val || s.unit)::interval AS lowered
-                  FROM pg_settings s WHERE s.name = 'deadlock_timeout') AS d) AS w;
--- take the table locks of the flip at once ("public"."orders", "public"."orders_v2"), in the order writers take them
-LOCK TABLE "public"."orders", "public"."orders_v2" IN ACCESS EXCLUSIVE MODE;
--- later lock waits are bounded as above, and the rest of the transaction has no time limit
-SELECT set_config('statement_timeout', '0', true),
-       set_config('lock_timeout', current_setting('bgsync.later_lock_timeout'), true);
+-- take the table locks of the flip ("public"."orders", "public"."orders_v2") together, never queueing: NOWAIT, retried every 2 ms for at most lock_timeout (2s)
+DO $bgsync$
+DECLARE
+    deadline timestamptz := clock_timestamp() + '2s'::interval;
+BEGIN
+    LOOP
+        BEGIN
+            LOCK TABLE "public"."orders", "public"."orders_v2" IN ACCESS EXCLUSIVE MODE NOWAIT;
+            RETURN;
+        EXCEPTION WHEN lock_not_available THEN
+            IF clock_timestamp() >= deadline THEN
+                RAISE;
+            END IF;
+        END;
+        PERFORM pg_sleep(0.002);
+    END LOOP;
+END
+$bgsync$;
+-- later lock waits: lock_timeout where deadlock_timeout could be lowered, else a tenth of deadlock_timeout at most
+SELECT set_config('lock_timeout',
+                  (ceil(extract(epoch FROM CASE WHEN lowered THEN t ELSE least(t, dt / 10) END) * 1000))::int::text
+                  || 'ms', true)
+  FROM (SELECT '2s'::interval AS t, (s.reset_val || s.unit)::interval AS dt,
+               current_setting('deadlock_timeout')::interval < (s.reset_val || s.unit)::interval AS lowered
+          FROM pg_settings s WHERE s.name = 'deadlock_timeout') AS d;
 -- drop the forward sync ins trigger
 DROP TRIGGER IF EXISTS "bgsync_orders_v2_fwd_ins" ON "public"."orders";
 -- drop the forward sync upd trigger
@@ -444,7 +457,7 @@ ALTER TABLE "public"."orders" ENABLE ALWAYS TRIGGER "bgsync_orders_v2_rev_trunc"
 -- record the cutover (what was renamed and moved, so rollback can undo exactly that)
 -- value read at run time: the renames and objects above
 UPDATE "bgsync"."migrations"
-   SET phase = 'cut_over', cutover = '{"mode": "rename", "renames": [{"kind": "sequence", "schema": "public", "old": "orders_id_seq", "new": "orders_old_id_seq", "table": ""}, {"kind": "sequence", "schema": "public", "old": "orders_v2_id_seq", "new": "orders_id_seq", "table": ""}, {"kind": "index", "schema": "public", "old": "orders_customer_id_idx", "new": "orders_old_customer_id_idx", "table": "orders"}, {"kind": "constraint", "schema": "public", "old": "orders_pkey", "new": "orders_old_pkey", "table": "orders"}, {"kind": "table", "schema": "public", "old": "orders", "new": "orders_old", "table": ""}, {"kind": "table", "schema": "public", "old": "orders_v2", "new": "orders", "table": ""}, {"kind": "constraint", "schema": "public", "old": "orders_v2_pkey", "new": "orders_pkey", "table": "orders"}, {"kind": "index", "schema": "public", "old": "orders_v2_customer_id_idx", "new": "orders_customer_id_idx", "table": "orders"}], "surround": {"views": [], "functions": [], "triggers": [], "rls": {"enabled": false, "forced": false, "policies": []}, "publications": [], "matviews": []}}'::jsonb, updated_at = now()
+   SET phase = 'cut_over', cutover = '{"mode": "rename", "renames": [{"kind": "sequence", "schema": "public", "old": "orders_id_seq", "new": "orders_old_id_seq", "table": ""}, {"kind": "sequence", "schema": "public", "old": "orders_v2_id_seq", "new": "orders_id_seq", "table": ""}, {"kind": "index", "schema": "public", "old": "orders_customer_id_idx", "new": "orders_old_customer_id_idx", "table": "orders"}, {"kind": "constraint", "schema": "public", "old": "orders_pkey", "new": "orders_old_pkey", "table": "orders"}, {"kind": "table", "schema": "public", "old": "orders", "new": "orders_old", "table": ""}, {"kind": "table", "schema": "public", "old": "orders_v2", "new": "orders", "table": ""}, {"kind": "constraint", "schema": "public", "old": "orders_v2_pkey", "new": "orders_pkey", "table": "orders"}, {"kind": "index", "schema": "public", "old": "orders_v2_customer_id_idx", "new": "orders_customer_id_idx", "table": "orders"}], "surround": {"views": [], "functions": [], "triggers": [], "rls": {"enabled": false, "forced": false, "policies": []}, "publications": [], "matviews": []}, "window": false}'::jsonb, updated_at = now()
  WHERE name = 'orders_v2' AND phase = 'verified'
 RETURNING name;
 COMMIT;
@@ -489,21 +502,31 @@ EXCEPTION WHEN insufficient_privilege THEN
     NULL;
 END
 $bgsync$;
--- bound this transaction's lock waits (lock_timeout 2s; less where deadlock_timeout could not be lowered)
-SELECT set_config('lock_timeout', w.first, true), set_config('statement_timeout', w.first, true),
-       set_config('bgsync.later_lock_timeout', w.later, true)
-  FROM (SELECT (ceil(extract(epoch FROM CASE WHEN lowered THEN t ELSE least(t, dt / 2) END) * 1000))::int::text
-               || 'ms' AS first,
-               (ceil(extract(epoch FROM CASE WHEN lowered THEN t ELSE least(t, dt / 10) END) * 1000))::int::text
-               || 'ms' AS later
-          FROM (SELECT '2s'::interval AS t, (s.reset_val || s.unit)::interval AS dt,
-                       current_setting('deadlock_timeout')::interval < (s.reset_val || s.unit)::interval AS lowered
-                  FROM pg_settings s WHERE s.name = 'deadlock_timeout') AS d) AS w;
--- take the table locks of the flip at once ("public"."orders", "public"."orders_old"), in the order writers take them
-LOCK TABLE "public"."orders", "public"."orders_old" IN ACCESS EXCLUSIVE MODE;
--- later lock waits are bounded as above, and the rest of the transaction has no time limit
-SELECT set_config('statement_timeout', '0', true),
-       set_config('lock_timeout', current_setting('bgsync.later_lock_timeout'), true);
+-- take the table locks of the flip ("public"."orders", "public"."orders_old") together, never queueing: NOWAIT, retried every 2 ms for at most lock_timeout (2s)
+DO $bgsync$
+DECLARE
+    deadline timestamptz := clock_timestamp() + '2s'::interval;
+BEGIN
+    LOOP
+        BEGIN
+            LOCK TABLE "public"."orders", "public"."orders_old" IN ACCESS EXCLUSIVE MODE NOWAIT;
+            RETURN;
+        EXCEPTION WHEN lock_not_available THEN
+            IF clock_timestamp() >= deadline THEN
+                RAISE;
+            END IF;
+        END;
+        PERFORM pg_sleep(0.002);
+    END LOOP;
+END
+$bgsync$;
+-- later lock waits: lock_timeout where deadlock_timeout could be lowered, else a tenth of deadlock_timeout at most
+SELECT set_config('lock_timeout',
+                  (ceil(extract(epoch FROM CASE WHEN lowered THEN t ELSE least(t, dt / 10) END) * 1000))::int::text
+                  || 'ms', true)
+  FROM (SELECT '2s'::interval AS t, (s.reset_val || s.unit)::interval AS dt,
+               current_setting('deadlock_timeout')::interval < (s.reset_val || s.unit)::interval AS lowered
+          FROM pg_settings s WHERE s.name = 'deadlock_timeout') AS d;
 -- drop the reverse sync ins trigger
 DROP TRIGGER IF EXISTS "bgsync_orders_v2_rev_ins" ON "public"."orders";
 -- drop the reverse sync upd trigger
@@ -622,21 +645,31 @@ EXCEPTION WHEN insufficient_privilege THEN
     NULL;
 END
 $bgsync$;
--- bound this transaction's lock waits (lock_timeout 2s; less where deadlock_timeout could not be lowered)
-SELECT set_config('lock_timeout', w.first, true), set_config('statement_timeout', w.first, true),
-       set_config('bgsync.later_lock_timeout', w.later, true)
-  FROM (SELECT (ceil(extract(epoch FROM CASE WHEN lowered THEN t ELSE least(t, dt / 2) END) * 1000))::int::text
-               || 'ms' AS first,
-               (ceil(extract(epoch FROM CASE WHEN lowered THEN t ELSE least(t, dt / 10) END) * 1000))::int::text
-               || 'ms' AS later
-          FROM (SELECT '2s'::interval AS t, (s.reset_val || s.unit)::interval AS dt,
-                       current_setting('deadlock_timeout')::interval < (s.reset_val || s.unit)::interval AS lowered
-                  FROM pg_settings s WHERE s.name = 'deadlock_timeout') AS d) AS w;
--- take the table locks of the flip at once ("public"."orders"), in the order writers take them
-LOCK TABLE "public"."orders" IN ACCESS EXCLUSIVE MODE;
--- later lock waits are bounded as above, and the rest of the transaction has no time limit
-SELECT set_config('statement_timeout', '0', true),
-       set_config('lock_timeout', current_setting('bgsync.later_lock_timeout'), true);
+-- take the table locks of the flip ("public"."orders") together, never queueing: NOWAIT, retried every 2 ms for at most lock_timeout (2s)
+DO $bgsync$
+DECLARE
+    deadline timestamptz := clock_timestamp() + '2s'::interval;
+BEGIN
+    LOOP
+        BEGIN
+            LOCK TABLE "public"."orders" IN ACCESS EXCLUSIVE MODE NOWAIT;
+            RETURN;
+        EXCEPTION WHEN lock_not_available THEN
+            IF clock_timestamp() >= deadline THEN
+                RAISE;
+            END IF;
+        END;
+        PERFORM pg_sleep(0.002);
+    END LOOP;
+END
+$bgsync$;
+-- later lock waits: lock_timeout where deadlock_timeout could be lowered, else a tenth of deadlock_timeout at most
+SELECT set_config('lock_timeout',
+                  (ceil(extract(epoch FROM CASE WHEN lowered THEN t ELSE least(t, dt / 10) END) * 1000))::int::text
+                  || 'ms', true)
+  FROM (SELECT '2s'::interval AS t, (s.reset_val || s.unit)::interval AS dt,
+               current_setting('deadlock_timeout')::interval < (s.reset_val || s.unit)::interval AS lowered
+          FROM pg_settings s WHERE s.name = 'deadlock_timeout') AS d;
 -- drop the reverse sync ins trigger
 DROP TRIGGER IF EXISTS "bgsync_orders_v2_rev_ins" ON "public"."orders";
 -- drop the reverse sync upd trigger
@@ -654,12 +687,12 @@ COMMIT;
 -- finalize orders_v2: drop the retired table public.orders_old
 BEGIN;
 SET LOCAL lock_timeout = '2s';
+-- drop the retired table "public"."orders_old" (refused if anything still depends on it)
+DROP TABLE "public"."orders_old";
 -- drop the reverse sync function
 DROP FUNCTION IF EXISTS "bgsync"."orders_v2_reverse"();
 -- drop the forward sync function
 DROP FUNCTION IF EXISTS "bgsync"."orders_v2_forward"();
--- drop the retired table "public"."orders_old" (refused if anything still depends on it)
-DROP TABLE "public"."orders_old";
 -- record phase finalized
 UPDATE "bgsync"."migrations" SET phase = 'finalized', updated_at = now()
  WHERE name = 'orders_v2' AND phase = 'finalizing'
