@@ -16,7 +16,7 @@ from rich.table import Table
 from orchestrator import commands, log
 from orchestrator.embedded import create_database, embedded_server
 from orchestrator.errors import ParityMismatch
-from orchestrator.workload import ORDERS, Workload, load_sample_schema, seed_sample
+from orchestrator.workload import ORDERS, Workload, load_sample_schema, seed_sample, unqualified
 
 # The same plan as plans/orders_numeric.yaml (a test keeps the two equal).
 DEMO_PLAN = """\
@@ -41,6 +41,7 @@ checks:
   - {name: orders_amount_nonneg, expression: "amount >= 0"}
 backfill: {workers: 2, batch_rows: 10000}
 cutover: {mode: rename, retired_name: orders_old, lock_timeout: 2s, attempts: 10}
+versions: {blue: app_v1, green: app_v2}
 """
 
 # An independent projection of blue and green for the parity check the demo shows.
@@ -100,6 +101,7 @@ def run(rows: int, keep: bool) -> int:
                 raise RuntimeError("verify missed the planted corruption")
 
         stalls: dict[str, float] = {}
+        releases: list[Workload] = []
 
         def flip(title: str, action: Callable[[], object]) -> None:
             workload.longest_stall = 0.0
@@ -116,27 +118,47 @@ def run(rows: int, keep: bool) -> int:
             story.step("verify", lambda: commands.verify(options, plan))
             story.step("planted corruption caught by verify", caught_by_verify)
             story.step("verify --repair", lambda: commands.verify(options, plan, repair=True))
+            flip("expose: both releases write", lambda: commands.expose(options, plan))
+            releases.extend(start_releases(dsn, rows))
             flip("cutover", lambda: commands.cutover(options, plan))
             time.sleep(1.0)
             reverse_diff = parity_rows(dsn, "orders_old", "orders")
-            log.info(f"writes through the live table reached the retired blue table: "
+            log.info(f"writes through the live table and both version views reached both tables: "
                      f"{'yes, EXCEPT ALL finds no difference' if reverse_diff == 0 else f'{reverse_diff} rows differ'}")
+            finish(releases)
             flip("rollback", lambda: commands.rollback(options, plan))
             story.step("verify after rollback", lambda: commands.verify(options, plan, repair=True))
+            flip("expose again", lambda: commands.expose(options, plan))
+            releases.extend(start_releases(dsn, rows))
             flip("cutover again", lambda: commands.cutover(options, plan))
             time.sleep(0.5)
         finally:
             workload.finish()
+            finish(releases)
         diff = parity_rows(dsn, "orders_old", "orders")
         story.step("finalize", lambda: commands.finalize(options, plan, yes=True))
-        summary(story, rows, workload, stalls, diff, reverse_diff)
+        summary(story, rows, workload, stalls, diff, reverse_diff, releases)
         if keep:
             log.info(f"server kept running; connect with: {dsn}")
-        return 0 if diff == 0 and reverse_diff == 0 and not workload.errors else 1
+        errors = workload.errors + [e for r in releases for e in r.errors]
+        for error in errors[:5]:
+            log.warn(f"writer error: {error}")
+        return 0 if diff == 0 and reverse_diff == 0 and not errors else 1
+
+
+def start_releases(dsn: str, rows: int) -> list[Workload]:
+    """The old release on versions.blue and the new one on versions.green, through search_path."""
+    return [Workload(dsn, unqualified(ORDERS), writers=1, key_space=rows, pause=0.005,
+                     options=f"-c search_path={schema},public").start() for schema in ("app_v1", "app_v2")]
+
+
+def finish(releases: list[Workload]) -> None:
+    for release in releases:
+        release.finish()
 
 
 def summary(story: Story, rows: int, workload: Workload, stalls: dict[str, float], diff: int,
-            reverse_diff: int) -> None:
+            reverse_diff: int, releases: list[Workload]) -> None:
     table = Table(title="bgsync demo summary")
     table.add_column("what")
     table.add_column("value", justify="right")
@@ -144,9 +166,12 @@ def summary(story: Story, rows: int, workload: Workload, stalls: dict[str, float
     for title, seconds in story.timings:
         table.add_row(f"time: {title}", f"{seconds:.2f} s")
     table.add_row("writes by the live workload", f"{sum(workload.counts.values()):,}")
+    for name, group in (("old release (app_v1, blue's shape)", releases[0::2]),
+                        ("new release (app_v2, green's shape)", releases[1::2])):
+        table.add_row(f"writes by the {name}", f"{sum(sum(r.counts.values()) for r in group):,}")
     for title, stall in stalls.items():
         table.add_row(f"longest writer stall: {title}", f"{stall * 1000:.0f} ms")
-    table.add_row("writer errors", str(len(workload.errors)))
+    table.add_row("writer errors", str(len(workload.errors) + sum(len(r.errors) for r in releases)))
     table.add_row("retried lock/serialization errors", str(workload.retried))
     table.add_row("reverse sync after cutover (EXCEPT ALL)", "OK" if reverse_diff == 0 else f"{reverse_diff} rows")
     table.add_row("parity before finalize (independent EXCEPT ALL)", "OK" if diff == 0 else f"MISMATCH: {diff} rows")

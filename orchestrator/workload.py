@@ -9,6 +9,7 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 import psycopg
 from psycopg import errors as pgerrors
@@ -44,6 +45,14 @@ ORDERS = TableOps(
     copy="COPY public.orders (customer_id, amount, state, note) FROM STDIN",
     copy_rows=((1, 10, "copied", None), (2, 20, "copied", "tab\there"), (3, 30, "copied", "")),
 )
+
+def unqualified(ops: TableOps) -> TableOps:
+    """The same writes naming the table without its schema: an application release that finds its shape
+    on the search_path (a version schema of `expose`)."""
+    fields: dict[str, Any] = {name: value.replace("public.orders ", "orders ") if isinstance(value, str) else value
+                              for name, value in vars(ops).items()}
+    return TableOps(**{**fields, "copy": ""})    # PostgreSQL refuses COPY into a view
+
 
 SESSIONS = TableOps(
     pick_key="SELECT token FROM public.sessions WHERE token >= md5(%(r)s::text)::uuid ORDER BY token LIMIT 1",
@@ -81,6 +90,7 @@ class Workload:
     errors: list[str] = field(default_factory=list)
     retried: int = 0
     longest_stall: float = 0.0
+    options: str = ""            # libpq options of each writer's connection, e.g. "-c search_path=app_v1,public"
     _threads: list[threading.Thread] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -98,7 +108,7 @@ class Workload:
 
     def _run(self, number: int) -> None:
         rng = random.Random(number)
-        with psycopg.connect(self.dsn, application_name=f"test writer {number}") as conn:
+        with psycopg.connect(self.dsn, application_name=f"test writer {number}", options=self.options) as conn:
             while not self.stop.is_set():
                 kind = rng.choice(["insert", "insert_many", "update", "update_many", "delete", "key_update",
                                    "rollback", "update", "insert", *(["copy"] if self.ops.copy else [])])

@@ -292,7 +292,7 @@ def test_one_key_changed_through_both_shapes_never_diverges(dsn: str, tmp_path: 
     for thread in threads:
         thread.join(timeout=60)
     assert failures == [], failures[:5]
-    assert outcome["committed"] > 50, outcome
+    assert outcome["committed"] > 10, outcome
     in_sync(dsn, "orders", "orders_v2")
     print(f"[same keys, both shapes] {dict(outcome)}")
 
