@@ -6,11 +6,20 @@ import json
 import os
 import signal
 import time
+from pathlib import Path
 
 import psycopg
+import yaml
 
 from orchestrator.workload import ORDERS, Workload
-from tests.helpers import PLANS, bgsync, load_schema, plan_diff, scalar, seed, spawn_bgsync
+from tests.helpers import PLANS, bgsync, load_schema, plan_diff, scalar, scalars, seed, spawn_bgsync, wait_for
+
+
+def no_drift(dsn: str) -> bool:
+    """`status` finds the journal and the catalog in agreement (exit 0, no drift listed)."""
+    result = bgsync(dsn, "status", "--json")
+    assert result.code == 0, result.err
+    return all(m["drift"] == [] for m in json.loads(result.out)["migrations"])
 
 
 def _copied(dsn: str) -> int:
@@ -69,3 +78,92 @@ def test_sigkill_mid_backfill_then_resume(dsn: str) -> None:
             assert lower == expected_lower, f"partition {chunk_no}: batch ({lower}, {upper}] overlaps or skips"
             expected_lower = upper
         assert expected_lower == int(hi[0])
+
+
+# -- a partition whose row lock another session holds (issue 9) -------------------------------------
+def _backfill_sessions(dsn: str) -> int:
+    return int(scalar(dsn, "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE "  # type: ignore[arg-type]
+                           "'bgsync backfill orders_v2%%'"))
+
+
+def _partitions_planned_then_killed(dsn: str, path: str) -> None:
+    """A first backfill plans the partitions, copies one throttled batch per worker and is killed;
+    its sessions are gone afterwards (they were idle, waiting for the throttle)."""
+    load_schema(dsn)
+    seed(dsn, orders=12_000)
+    assert bgsync(dsn, "prepare", path).code == 0
+    first = spawn_bgsync(dsn, "backfill", path, "--workers", "2", "--batch-rows", "500",
+                         "--max-rows-per-second", "1")
+    wait_for(lambda: bool(scalar(dsn, "SELECT to_regclass('bgsync.chunks')")) and _copied(dsn) >= 1_000)
+    os.kill(first.pid, signal.SIGKILL)
+    first.wait()
+    wait_for(lambda: _backfill_sessions(dsn) == 0)
+
+
+def _hold_last_partition(holder: psycopg.Connection[tuple[object, ...]]) -> int:
+    row = holder.execute("SELECT chunk_no FROM bgsync.chunks WHERE migration = 'orders_v2' AND NOT done "
+                         "ORDER BY chunk_no DESC LIMIT 1 FOR UPDATE").fetchone()
+    assert row is not None
+    return int(row[0])  # type: ignore[call-overload]
+
+
+def _waiting_events(dsn: str) -> list[str]:
+    return [str(d) for d in scalars(dsn, "SELECT detail FROM bgsync.events WHERE migration = 'orders_v2' "
+                                         "AND phase = 'backfill' AND outcome = 'waiting' ORDER BY id")]
+
+
+def test_resumed_backfill_waits_for_a_held_partition_then_completes(dsn: str) -> None:
+    """The window of the hang: a killed backfill's server session still holds a partition's row lock.
+    The rerun copies everything else, says who holds the rest (journal and stderr), and finishes
+    once the lock is released; it never waits for a partition that no worker will claim."""
+    path = str(PLANS / "orders_v2.yaml")
+    _partitions_planned_then_killed(dsn, path)
+    with psycopg.connect(dsn) as holder:
+        held = _hold_last_partition(holder)
+        pid = holder.info.backend_pid
+        resumed = spawn_bgsync(dsn, "backfill", path, "--workers", "2", "--batch-rows", "500")
+        try:
+            wait_for(lambda: any(f"pid {pid} " in d for d in _waiting_events(dsn)), timeout=30)
+            # every other partition is copied; only the held one is left
+            assert scalars(dsn, "SELECT chunk_no FROM bgsync.chunks WHERE NOT done") == [held]
+            assert resumed.poll() is None, "the backfill gave up instead of waiting"
+        except BaseException:
+            resumed.kill()
+            raise
+        finally:
+            holder.rollback()           # the holder goes away: the partition is free
+    _, err = resumed.communicate(timeout=120)
+    assert resumed.returncode == 0, err
+    [event] = _waiting_events(dsn)
+    assert f"partition(s) {held} " in event and "idle in transaction" in event, event
+    assert f"pid {pid} " in err and "waiting for" in err, err
+    assert scalar(dsn, "SELECT count(*) FROM bgsync.chunks WHERE NOT done") == 0
+    assert scalar(dsn, "SELECT phase FROM bgsync.migrations") == "backfilled"
+    assert plan_diff(dsn, "orders_v2") == []
+    assert no_drift(dsn)
+
+
+def test_held_partition_without_progress_gives_up_naming_the_holder(dsn: str, tmp_path: Path) -> None:
+    """Held past backfill.held_partition_wait with no progress: exit 3, the holder named, what to do."""
+    data = yaml.safe_load((PLANS / "orders_v2.yaml").read_text())
+    data["backfill"]["held_partition_wait"] = "1s"
+    plan = tmp_path / "orders_v2.yaml"
+    plan.write_text(yaml.safe_dump(data))
+    _partitions_planned_then_killed(dsn, str(plan))
+    with psycopg.connect(dsn) as holder:
+        held = _hold_last_partition(holder)
+        pid = holder.info.backend_pid
+        refused = bgsync(dsn, "backfill", str(plan), "--workers", "2", "--batch-rows", "500", timeout=120)
+        holder.rollback()
+    assert refused.code == 3, refused.err
+    assert "Traceback" not in refused.err
+    message = refused.err.split("FAILED:", 1)[1]
+    assert f"partition(s) {held} " in message and f"pid {pid} " in message, message
+    assert f"SELECT pg_terminate_backend({pid})" in message and "rerun" in message, message
+    assert any(f"pid {pid} " in d for d in _waiting_events(dsn))
+    assert scalars(dsn, "SELECT chunk_no FROM bgsync.chunks WHERE NOT done") == [held]
+    # once the holder is gone, a rerun finishes the job
+    done = bgsync(dsn, "backfill", str(plan))
+    assert done.code == 0, done.err
+    assert plan_diff(dsn, "orders_v2") == []
+    assert no_drift(dsn)
