@@ -107,6 +107,12 @@ class Backfill(_Strict):
     workers: int = Field(default=4, ge=1, le=64)
     batch_rows: int = Field(default=10000, ge=1, le=10_000_000)
     max_rows_per_second: float = Field(default=0, ge=0, description="0 = unthrottled")
+    held_partition_wait: str = Field(
+        default="1min", description="How long the backfill waits for partitions that another session holds "
+                                    "(a killed bgsync's session the server has not ended yet) while they make no "
+                                    "progress, before it gives up naming the holder (PostgreSQL duration).")
+
+    _wait = field_validator("held_partition_wait", mode="before")(_duration)
 
 
 class Verify(_Strict):
