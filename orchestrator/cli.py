@@ -315,6 +315,7 @@ def _json_usage_error(message: str) -> None:
 
 def main() -> None:
     """Entry point: BgsyncError becomes `FAILED: ...` and its exit code; passwords never print."""
+    db.remember_arguments(sys.argv[1:])
     try:
         app(prog_name="bgsync", standalone_mode=False)
     except Cancelled as cancelled:

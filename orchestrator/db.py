@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
+from urllib.parse import quote
 
 import psycopg
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.conninfo import conninfo_to_dict
 
 from orchestrator.errors import DatabaseError, UsageError
 
@@ -52,12 +54,27 @@ def remember_secret(dsn: str) -> None:
     except psycopg.ProgrammingError:
         password = None
     if password:
-        _secrets.add(str(password))
+        _remember(str(password))
     for pattern in (r"^[A-Za-z][A-Za-z0-9+.-]*:/*[^:/@\s]*:([^@\s]+)@", r"password\s*=\s*'((?:[^'\\]|\\.)*)'",
                     r"password\s*=\s*([^\s']+)"):
         for found in re.findall(pattern, dsn, flags=re.I):
             if found:
-                _secrets.add(found)
+                _remember(found)
+
+
+def _remember(password: str) -> None:
+    """The password as it may be written: raw, percent-encoded, quoted for key=value, escaped by Python or JSON."""
+    _secrets.update({password, quote(password, safe=""), quote(password),
+                     password.replace("\\", "\\\\").replace("'", "\\'"), repr(password)[1:-1],
+                     json.dumps(password)[1:-1]})
+
+
+def remember_arguments(arguments: list[str]) -> None:
+    """Remember the password of every command-line argument that looks like a DSN (one typed where a
+    plan or a table belongs is echoed by the error that says so)."""
+    for argument in arguments:
+        if re.match(r"postgres(?:ql)?:", argument, flags=re.I) or re.search(r"password\s*=", argument, flags=re.I):
+            remember_secret(argument)
 
 
 def redact(text: str) -> str:
@@ -65,17 +82,7 @@ def redact(text: str) -> str:
     for secret in sorted(_secrets, key=len, reverse=True):
         text = text.replace(secret, "***")
     text = re.sub(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", r"\1***", text, flags=re.I)
-    return re.sub(r"(postgres(?:ql)?://[^:/@\s]*:)[^@\s]*@", r"\1***@", text)
-
-
-def redacted_dsn(dsn: str) -> str:
-    try:
-        params = conninfo_to_dict(dsn)
-    except psycopg.ProgrammingError:
-        return "(unparsable DSN)"
-    if "password" in params:
-        params["password"] = "***"
-    return make_conninfo(**{k: str(v) for k, v in params.items()})
+    return re.sub(r"(postgres(?:ql)?:/+[^:/@\s]*:)[^@\s]*@", r"\1***@", text)
 
 
 DEFAULT_LOCK_TIMEOUT = "10s"

@@ -242,7 +242,8 @@ def load_plan(path: str | Path) -> Plan:
     try:
         text = file.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
-        raise PlanError([f"(file): cannot read {file}: {error}"]) from None
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+        raise PlanError([f"(file): cannot read {file}: {reason}"]) from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as error:
