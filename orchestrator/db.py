@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
 from urllib.parse import quote
 
 import psycopg
@@ -85,13 +86,40 @@ def redact(text: str) -> str:
     return re.sub(r"(postgres(?:ql)?:/+[^:/@\s]*:)[^@\s]*@", r"\1***@", text)
 
 
-DEFAULT_LOCK_TIMEOUT = "10s"
+# lock_timeout of the sessions no plan value governs (backfill, verify, status, init): 10s, or
+# BGSYNC_LOCK_TIMEOUT (a PostgreSQL duration with its unit; the tests shorten it)
+LOCK_TIMEOUT_VARIABLE = "BGSYNC_LOCK_TIMEOUT"
+DEFAULT_LOCK_TIMEOUT = os.environ.get(LOCK_TIMEOUT_VARIABLE, "").strip() or "10s"
+_main_lock_timeout = DEFAULT_LOCK_TIMEOUT
+
+
+def _checked_lock_timeout(value: str) -> str:
+    if value == DEFAULT_LOCK_TIMEOUT and os.environ.get(LOCK_TIMEOUT_VARIABLE, "").strip():
+        from orchestrator.plan import parse_duration
+
+        try:
+            parse_duration(value)
+        except ValueError as error:
+            raise UsageError(f"{LOCK_TIMEOUT_VARIABLE}: {error}") from None
+    return value
+
+
+def lock_timeout_hint(error: BaseException, lock_timeout: str | None = None) -> str:
+    """What a lock timeout means, to append to its message ('' for any other error)."""
+    if not isinstance(error, psycopg.errors.LockNotAvailable):
+        return ""
+    return (f" (another session held a lock bgsync needed for longer than lock_timeout "
+            f"{lock_timeout or _main_lock_timeout})")
 
 
 def connect(dsn: str, purpose: str, *, autocommit: bool = False,
             lock_timeout: str = DEFAULT_LOCK_TIMEOUT) -> psycopg.Connection[tuple[object, ...]]:
     """Open a connection tagged with application_name (so holders can be named in refusals) whose
     every statement, even a catalog read, waits at most `lock_timeout` for a lock."""
+    global _main_lock_timeout
+    lock_timeout = _checked_lock_timeout(lock_timeout)
+    if threading.current_thread() is threading.main_thread():
+        _main_lock_timeout = lock_timeout
     try:
         conn = psycopg.connect(dsn, autocommit=autocommit, application_name=f"bgsync {purpose}"[:63])
     except psycopg.OperationalError as error:

@@ -1,4 +1,4 @@
-"""A DML-only role writes through the trigger (acceptance 5); the journal detects an edited plan;
+"""A DML-only role writes through the triggers in every phase (acceptance 5); the journal detects an edited plan;
 two backfill processes on one plan cooperate; dry runs change nothing."""
 
 from __future__ import annotations
@@ -10,10 +10,22 @@ import psycopg
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
-from tests.helpers import PLANS, bgsync, load_schema, plan_diff, scalar, seed, spawn_bgsync
+from tests.helpers import PLANS, PROJECTIONS, bgsync, load_schema, parity_diff, plan_diff, scalar, seed, spawn_bgsync
 
 
-def test_dml_only_role_keeps_writing_through_the_trigger(dsn: str) -> None:
+def _application_writes(app: psycopg.Connection[tuple[object, ...]], amount: str, first: int) -> None:
+    """One write of each kind, as the application does it, with a search_path that finds nothing."""
+    app.execute("SET search_path = pg_catalog")  # the triggers must not rely on the caller's path
+    app.execute(f"INSERT INTO public.orders (customer_id, {amount}) VALUES (1, 10), (2, 20)")
+    app.execute(f"UPDATE public.orders SET {amount} = {amount} + 1 WHERE id BETWEEN {first} AND {first + 49}")
+    app.execute(f"UPDATE public.orders SET id = nextval('public.orders_id_seq') WHERE id = {first + 50}")
+    app.execute(f"DELETE FROM public.orders WHERE id BETWEEN {first + 40} AND {first + 45}")
+
+
+def test_dml_only_role_writes_through_every_phase(dsn: str) -> None:
+    """A role with only SELECT/INSERT/UPDATE/DELETE on blue and USAGE on its sequence writes through the
+    forward trigger (after prepare and after backfill), through the reverse trigger after cutover, and
+    through the forward trigger again after rollback; an independent EXCEPT ALL agrees each time."""
     load_schema(dsn)
     seed(dsn, orders=2_000)
     role = f"app_writer_{uuid.uuid4().hex[:8]}"
@@ -22,19 +34,17 @@ def test_dml_only_role_keeps_writing_through_the_trigger(dsn: str) -> None:
         conn.execute(sql.SQL("GRANT SELECT, INSERT, UPDATE, DELETE ON public.orders TO {}").format(
             sql.Identifier(role)))
         conn.execute(sql.SQL("GRANT USAGE ON SEQUENCE public.orders_id_seq TO {}").format(sql.Identifier(role)))
+    retired_blue = PROJECTIONS["orders_v2"][0].replace("public.orders", "public.orders_old")
+    live_green = PROJECTIONS["orders_v2"][1].replace("public.orders_v2", "public.orders")
     try:
         path = str(PLANS / "orders_v2.yaml")
         assert bgsync(dsn, "prepare", path).code == 0
         with psycopg.connect(make_conninfo(dsn, user=role), autocommit=True) as app:
             assert app.execute("SELECT current_user").fetchone() == (role,)
-            app.execute("SET search_path = pg_catalog")  # the trigger must not rely on the caller's path
-            app.execute("INSERT INTO public.orders (customer_id, amount) VALUES (1, 10), (2, 20)")
-            app.execute("UPDATE public.orders SET amount = amount + 1 WHERE id <= 50")
-            app.execute("UPDATE public.orders SET id = nextval('public.orders_id_seq') WHERE id = 51")
-            app.execute("DELETE FROM public.orders WHERE id BETWEEN 60 AND 70")
-            # green holds exactly the rows the trigger mirrored, with the mapped values
+            _application_writes(app, "amount", 1)
+            # green holds exactly the rows the trigger mirrored: 2 inserted, 50 updated, 1 re-keyed, 6 deleted
             green = app.execute("SELECT count(*) FROM public.orders_v2").fetchone()
-            assert green is not None and green[0] == 2 + 50 + 1
+            assert green is not None and green[0] == 2 + 50 + 1 - 6
         assert bgsync(dsn, "backfill", path).code == 0
         assert plan_diff(dsn, "orders_v2") == []
         # the role's grants on blue were copied to green
@@ -42,6 +52,21 @@ def test_dml_only_role_keeps_writing_through_the_trigger(dsn: str) -> None:
                                  "information_schema.role_table_grants WHERE table_name = 'orders_v2' "
                                  "AND grantee = %s", [role])
         assert privileges == "DELETE,INSERT,SELECT,UPDATE"
+        with psycopg.connect(make_conninfo(dsn, user=role), autocommit=True) as app:
+            _application_writes(app, "amount", 101)
+        assert plan_diff(dsn, "orders_v2") == []
+        for command in ("verify", "cutover"):
+            result = bgsync(dsn, command, path)
+            assert result.code == 0, (command, result.err)
+        with psycopg.connect(make_conninfo(dsn, user=role), autocommit=True) as app:
+            _application_writes(app, "total_amount", 201)        # green's shape under the live name
+        assert parity_diff(dsn, retired_blue, live_green) == [], "reverse sync missed a write"
+        back = bgsync(dsn, "rollback", path)
+        assert back.code == 0, back.err
+        with psycopg.connect(make_conninfo(dsn, user=role), autocommit=True) as app:
+            _application_writes(app, "amount", 301)
+        assert plan_diff(dsn, "orders_v2") == [], "forward sync after rollback missed a write"
+        assert bgsync(dsn, "verify", path).code == 0
     finally:
         with psycopg.connect(dsn, autocommit=True) as conn:
             conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))

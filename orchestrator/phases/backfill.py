@@ -382,7 +382,7 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 
 
 def session_statements() -> list[Statement]:
-    return [Statement(d, s) for d, s in render_steps("backfill_session.sql.j2")]
+    return [Statement(d, s) for d, s in render_steps("backfill_session.sql.j2", lock_timeout=db.DEFAULT_LOCK_TIMEOUT)]
 
 
 def _progress() -> Progress:
@@ -454,7 +454,8 @@ def run(conn: Conn, dsn: str, spec: MigrationSpec, settings: Settings) -> None:
         error = shared.errors[0]
         message = error.diag.message_primary if isinstance(error, psycopg.Error) and error.diag.message_primary \
             else str(error)
-        raise DatabaseError(f"backfill {spec.name} failed: {db.redact(message)}; rerun to resume")
+        raise DatabaseError(f"backfill {spec.name} failed: {db.redact(message)}"
+                            f"{db.lock_timeout_hint(error, db.DEFAULT_LOCK_TIMEOUT)}; rerun to resume")
     if interrupted:
         raise Interrupted(f"backfill {spec.name} interrupted; {shared.copied:,} rows copied in this run, "
                           f"progress recorded: rerun `bgsync backfill` to resume")
