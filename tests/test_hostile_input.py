@@ -13,10 +13,24 @@ from hypothesis import strategies as st
 
 from orchestrator import commands
 from orchestrator.errors import BgsyncError, PlanError
-from orchestrator.plan import load_plan, parse_plan
+from orchestrator.plan import load_plan, parse_plan, plan_json_schema
 from tests.helpers import load_schema, seed
 
-FIELD_LINE = re.compile(r"^[^\s:][^:]*: .+", re.S)
+# `path: message`, the path a real plan field path (`columns[2].from`, `cutover.lock_timeout`, `key[0]`) or
+# one of the markers for the file as a whole: `(yaml)`, `(plan)`, `(file)`
+FIELD_LINE = re.compile(r"^(?P<path>\((?:yaml|plan|file)\)|[a-z_]+(?:\[\d+\])*(?:\.[a-z_]+(?:\[\d+\])*)*): "
+                        r"(?P<message>\S.*)$", re.S)
+
+
+def _plan_field_names() -> set[str]:
+    schema = plan_json_schema()
+    names = set(schema["properties"])
+    for definition in schema["$defs"].values():
+        names |= set(definition.get("properties", {}))
+    return names
+
+
+FIELD_NAMES = _plan_field_names()
 odd_text = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=80)
 scalars = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**12), st.floats(allow_nan=True), odd_text)
 names = st.one_of(st.sampled_from(["id", "customer_id", "amount", "state", "note", "created_at", "Id", 'a"b',
@@ -51,9 +65,16 @@ plans = st.fixed_dictionaries(
 
 
 def _check_problems(error: PlanError) -> None:
+    """Each problem starts with the path of a field the plan has (an unknown field only as its last part)."""
     assert error.exit_code == 2 and error.problems
     for line in error.problems:
-        assert FIELD_LINE.match(line), line
+        match = FIELD_LINE.match(line)
+        assert match, line
+        if match["path"].startswith("("):
+            continue
+        names = re.findall(r"[a-z_]+", match["path"])
+        real = names[:-1] if match["message"] == "unknown field" else names
+        assert set(real) <= FIELD_NAMES, line
 
 
 @settings(max_examples=400, deadline=None)
