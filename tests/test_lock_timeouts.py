@@ -33,7 +33,7 @@ def queued_behind(dsn: str, holder: int, application: str) -> bool:
 
 def finish(proc: subprocess.Popen[str]) -> tuple[str, str]:
     try:
-        return proc.communicate(timeout=120)
+        return proc.communicate(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -56,7 +56,7 @@ MUTANTS = [
            "orchestrator/phases/verify.py",
            (("        if blue != green:\n            self.narrow(",
              "        if blue[0] != green[0]:\n            self.narrow("),),
-           ("tests/test_verify.py", "-k", "planted")),
+           ("tests/test_verify.py", "-k", "planted or read_differently")),
     Mutant("sequence_advance", "cutover does not advance green's sequence past blue's",
            "sql_templates/cutover.sql.j2",
            (("{% include '_sequences.sql.j2' %}\n", ""),),
@@ -140,13 +140,16 @@ def _apply(copy: Path, mutant: Mutant) -> str | None:
     return None
 
 
-def _pytest(copy: Path, tests: tuple[str, ...]) -> tuple[int | None, str]:
+def _pytest(copy: Path, tests: tuple[str, ...], verbose: bool = False) -> tuple[int | None, str]:
     command = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests]
     try:
         proc = subprocess.run(command, cwd=copy, capture_output=True, text=True, timeout=TIMEOUT,
                               env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
     except subprocess.TimeoutExpired:
         return None, f"timed out after {TIMEOUT}s"
+    if verbose:
+        print("\n".join(line for line in proc.stdout.splitlines() if line.startswith(("E ", "FAILED", "tests/"))),
+              file=sys.stderr)
     lines = [line for line in proc.stdout.splitlines() if line.strip()]
     summary = next((line.strip("= ") for line in reversed(lines) if re.search(r"\d+ (passed|failed|error)", line)),
                    lines[-1] if lines else proc.stderr.strip()[-200:])
@@ -165,6 +168,7 @@ def main() -> int:
     parser.add_argument("--only", action="append", metavar="NAME", help="run only this mutant (repeatable)")
     parser.add_argument("--list", action="store_true", help="list the mutants and exit")
     parser.add_argument("--baseline", action="store_true", help="check that each selection passes unbroken first")
+    parser.add_argument("--verbose", "-v", action="store_true", help="show why each selection failed")
     args = parser.parse_args()
     if args.list:
         for m in MUTANTS:
@@ -196,7 +200,7 @@ def main() -> int:
                 failed = True
                 shutil.rmtree(copy)
                 continue
-            code, summary = _pytest(copy, mutant.tests)
+            code, summary = _pytest(copy, mutant.tests, args.verbose)
             shutil.rmtree(copy)
             caught = {1: "yes"}.get(code if code is not None else -1, "NO" if code == 0 else "ERROR")
             failed |= caught != "yes"
