@@ -221,8 +221,11 @@ def format_validation_error(error: ValidationError) -> list[str]:
     for item in error.errors():
         loc = tuple(p for p in item["loc"] if p not in ("function-after",))
         message = item["msg"].removeprefix("Value error, ")
-        if item["type"] == "extra_forbidden":
-            message = "unknown field"
+        if item["type"] in ("extra_forbidden", "invalid_key") and loc:
+            # the unknown key as written (`0:` in YAML is the key 0, not a list index)
+            parent = _loc(loc[:-1]) if loc[:-1] else ""
+            lines.append(f"{parent}{'.' if parent else ''}{loc[-1]}: unknown field")
+            continue
         lines.append(f"{_loc(loc)}: {message}")
     return lines
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from orchestrator import commands
@@ -17,9 +17,11 @@ from orchestrator.plan import load_plan, parse_plan, plan_json_schema
 from tests.helpers import load_schema, seed
 
 # `path: message`, the path a real plan field path (`columns[2].from`, `cutover.lock_timeout`, `key[0]`) or
-# one of the markers for the file as a whole: `(yaml)`, `(plan)`, `(file)`
-FIELD_LINE = re.compile(r"^(?P<path>\((?:yaml|plan|file)\)|[a-z_]+(?:\[\d+\])*(?:\.[a-z_]+(?:\[\d+\])*)*): "
-                        r"(?P<message>\S.*)$", re.S)
+# one of the markers for the file as a whole: `(yaml)`, `(plan)`, `(file)`; an unknown field is named as
+# written after the real path of its parent (`columns[1].colour: unknown field`, `0: unknown field`)
+PATH = r"[a-z_]+(?:\[\d+\])*(?:\.[a-z_]+(?:\[\d+\])*)*"
+FIELD_LINE = re.compile(rf"^(?P<path>\((?:yaml|plan|file)\)|{PATH}): (?P<message>\S.*)$", re.S)
+UNKNOWN_LINE = re.compile(rf"^(?:(?P<path>{PATH})\.)?(?P<key>.+): unknown field$", re.S)
 
 
 def _plan_field_names() -> set[str]:
@@ -68,13 +70,11 @@ def _check_problems(error: PlanError) -> None:
     """Each problem starts with the path of a field the plan has (an unknown field only as its last part)."""
     assert error.exit_code == 2 and error.problems
     for line in error.problems:
-        match = FIELD_LINE.match(line)
+        match = UNKNOWN_LINE.match(line) or FIELD_LINE.match(line)
         assert match, line
-        if match["path"].startswith("("):
-            continue
-        names = re.findall(r"[a-z_]+", match["path"])
-        real = names[:-1] if match["message"] == "unknown field" else names
-        assert set(real) <= FIELD_NAMES, line
+        path = match["path"] or ""
+        if not path.startswith("("):
+            assert set(re.findall(r"[a-z_]+", path)) <= FIELD_NAMES, line
 
 
 @settings(max_examples=400, deadline=None)
@@ -88,6 +88,8 @@ def test_fuzzed_plans_are_valid_or_name_the_field(data: dict[str, Any]) -> None:
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.one_of(odd_text, st.binary(max_size=200).map(lambda b: b.decode("latin-1"))))
+@example("0:")                    # a key that is not a name: reported as written, not as a list index
+@example("columns:\n  - {1: x}\n")
 def test_fuzzed_plan_files_never_trace_back(tmp_path: Path, text: str) -> None:
     file = tmp_path / "fuzz.yaml"
     file.write_text(text, encoding="utf-8")
