@@ -40,6 +40,8 @@ class Mutant:
     file: str                              # relative to the checkout
     edits: tuple[tuple[str, str], ...]     # (exact text, replacement): each text must occur exactly once
     tests: tuple[str, ...]                 # pytest arguments selecting the tests that should catch it
+    # the same breakage where the mechanism lives elsewhere in another version of the code: (file, edits)
+    elsewhere: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = ()
 
 
 MUTANTS = [
@@ -112,7 +114,11 @@ MUTANTS = [
            "sql_templates/cutover.sql.j2",
            (("{% include '_foreign_keys.sql.j2' %}\n",
              "{% with fks = fks[:-1] %}{% include '_foreign_keys.sql.j2' %}{% endwith %}\n"),),
-           ("tests/test_cutover.py", "-k", "view_foreign_key_and_identity and rename")),
+           ("tests/test_cutover.py", "-k", "view_foreign_key_and_identity and rename"),
+           # issue 10's twin foreign keys: the child table's twin referencing green is what the flip relies on
+           elsewhere=(("orchestrator/phases/keys.py",
+                       (("    for fk in catalog.inbound_foreign_keys(conn, str(spec.blue)):\n",
+                         "    for fk in catalog.inbound_foreign_keys(conn, str(spec.blue))[:-1]:\n"),)),)),
     # the mechanisms issue 9 added
     Mutant("held_partitions", "backfill workers stop when the partitions left are held (the resumed-backfill hang)",
            "orchestrator/phases/backfill.py",
@@ -128,16 +134,21 @@ MUTANTS = [
 
 
 def _apply(copy: Path, mutant: Mutant) -> str | None:
-    """Edit the copy; the reason it cannot be applied, or None."""
-    path = copy / mutant.file
-    text = path.read_text()
-    for old, new in mutant.edits:
-        found = text.count(old)
-        if found != 1:
-            return f"{mutant.file}: the text to break occurs {found} times (expected once): {old.strip()[:60]!r}"
-        text = text.replace(old, new)
-    path.write_text(text)
-    return None
+    """Edit the copy (the first of the mutant's places that holds every text to break, once); the reason it
+    cannot be applied, or None."""
+    problems = []
+    for file, edits in ((mutant.file, mutant.edits), *mutant.elsewhere):
+        path = copy / file
+        text = path.read_text() if path.exists() else ""
+        missing = [old for old, _ in edits if text.count(old) != 1]
+        if missing:
+            problems.append(f"{file}: not found once: {missing[0].strip()[:60]!r}")
+            continue
+        for old, new in edits:
+            text = text.replace(old, new)
+        path.write_text(text)
+        return None
+    return "; ".join(problems) + " (update the mutant)"
 
 
 def _pytest(copy: Path, tests: tuple[str, ...], verbose: bool = False) -> tuple[int | None, str]:
