@@ -117,8 +117,10 @@ MUTANTS = [
            ("tests/test_cutover.py", "-k", "view_foreign_key_and_identity and rename"),
            # issue 10's twin foreign keys: the child table's twin referencing green is what the flip relies on
            elsewhere=(("orchestrator/phases/keys.py",
-                       (("    for fk in catalog.inbound_foreign_keys(conn, str(spec.blue)):\n",
-                         "    for fk in catalog.inbound_foreign_keys(conn, str(spec.blue))[:-1]:\n"),)),)),
+                       (("    for fk in catalog.inbound_foreign_keys(conn, str(spec.blue)):\n"
+                         "        shadow = shadow_name(fk.name)\n",
+                         "    for fk in catalog.inbound_foreign_keys(conn, str(spec.blue))[:-1]:\n"
+                         "        shadow = shadow_name(fk.name)\n"),)),)),
     # the mechanisms issue 9 added
     Mutant("held_partitions", "backfill workers stop when the partitions left are held (the resumed-backfill hang)",
            "orchestrator/phases/backfill.py",
