@@ -201,6 +201,7 @@ def test_a_failed_batch_records_no_progress(dsn: str) -> None:
     resumed = bgsync(dsn, "backfill", path, "--workers", "2", "--batch-rows", "500")
     assert resumed.code == 0, resumed.err
     assert plan_diff(dsn, "orders_v2") == []
+    assert no_drift(dsn)
 
 
 def test_sigterm_stops_the_backfill_with_130_and_a_rerun_resumes(dsn: str) -> None:

@@ -141,6 +141,7 @@ def test_two_backfill_processes_cooperate(dsn: str) -> None:
                           "AND outcome = 'ok' AND detail IS NOT NULL")
     assert copiers is not None and int(copiers) >= 3  # type: ignore[call-overload]
     assert scalar(dsn, "SELECT sum(rows_copied) FROM bgsync.chunks") == 20_000
+    assert bgsync(dsn, "status").code == 0          # no drift
 
 
 def test_dry_runs_change_nothing(dsn: str) -> None:
