@@ -322,6 +322,7 @@ def _json_usage_error(message: str) -> None:
 
 def main() -> None:
     """Entry point: BgsyncError becomes `FAILED: ...` and its exit code; passwords never print."""
+    db.remember_arguments(sys.argv[1:])
     try:
         app(prog_name="bgsync", standalone_mode=False)
     except Cancelled as cancelled:
@@ -336,8 +337,7 @@ def main() -> None:
     except psycopg.Error as error:
         message = error.diag.message_primary or str(error)
         if isinstance(error, psycopg.errors.LockNotAvailable):
-            message += ("; another session holds a lock bgsync needs to read the catalog; nothing was changed, "
-                        "try again when it is free")
+            message += (f"{db.lock_timeout_hint(error)}; nothing was changed, try again when the lock is free")
         _fail(f"database error: {message.strip()}")
         sys.exit(3)
     except typer.Exit as done:

@@ -302,7 +302,8 @@ def backfill(options: Options, plan_path: Path, *, workers: int | None = None, b
     settings = backfill_phase.Settings(
         workers=workers or plan.backfill.workers, batch_rows=batch_rows or plan.backfill.batch_rows,
         max_rows_per_second=plan.backfill.max_rows_per_second if max_rows_per_second is None
-        else max_rows_per_second, lock_timeout=plan.cutover.lock_timeout, attempts=plan.cutover.attempts)
+        else max_rows_per_second, lock_timeout=plan.cutover.lock_timeout, attempts=plan.cutover.attempts,
+        held_partition_wait=plan.backfill.held_partition_wait)
     dsn = db.resolve_dsn(options.dsn)
     with _use(conn, options, f"backfill {plan.name}") as conn:
         if dry_run:

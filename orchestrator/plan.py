@@ -134,6 +134,12 @@ class Backfill(_Strict):
     workers: int = Field(default=4, ge=1, le=64)
     batch_rows: int = Field(default=10000, ge=1, le=10_000_000)
     max_rows_per_second: float = Field(default=0, ge=0, description="0 = unthrottled")
+    held_partition_wait: str = Field(
+        default="1min", description="How long the backfill waits for partitions that another session holds "
+                                    "(a killed bgsync's session the server has not ended yet) while they make no "
+                                    "progress, before it gives up naming the holder (PostgreSQL duration).")
+
+    _wait = field_validator("held_partition_wait", mode="before")(_duration)
 
 
 class Verify(_Strict):
@@ -271,8 +277,11 @@ def format_validation_error(error: ValidationError) -> list[str]:
     for item in error.errors():
         loc = tuple(p for p in item["loc"] if p not in ("function-after",))
         message = item["msg"].removeprefix("Value error, ")
-        if item["type"] == "extra_forbidden":
-            message = "unknown field"
+        if item["type"] in ("extra_forbidden", "invalid_key") and loc:
+            # the unknown key as written (`0:` in YAML is the key 0, not a list index)
+            parent = _loc(loc[:-1]) if loc[:-1] else ""
+            lines.append(f"{parent}{'.' if parent else ''}{loc[-1]}: unknown field")
+            continue
         lines.append(f"{_loc(loc)}: {message}")
     return lines
 
@@ -292,7 +301,8 @@ def load_plan(path: str | Path) -> Plan:
     try:
         text = file.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
-        raise PlanError([f"(file): cannot read {file}: {error}"]) from None
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+        raise PlanError([f"(file): cannot read {file}: {reason}"]) from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as error:

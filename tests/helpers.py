@@ -54,8 +54,8 @@ def bgsync(dsn: str, *args: str, timeout: float = 300, env: dict[str, str] | Non
     return Result(proc.returncode, proc.stdout, proc.stderr)
 
 
-def spawn_bgsync(dsn: str, *args: str) -> subprocess.Popen[str]:
-    env = {**os.environ, "BGSYNC_DSN": dsn, "COLUMNS": "200"}
+def spawn_bgsync(dsn: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    env = {**os.environ, "BGSYNC_DSN": dsn, "COLUMNS": "200", **(env or {})}
     return subprocess.Popen([sys.executable, "-m", "orchestrator", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
 

@@ -70,3 +70,44 @@ def test_batch_racing_the_trigger_keeps_the_triggers_row(dsn: str) -> None:
     assert plan_diff(dsn, "orders_v2") == []
     fallbacks = scalar(dsn, "SELECT count(*) FROM bgsync.events WHERE step LIKE 'copy one batch, after a race%%'")
     assert fallbacks == 1
+
+
+def _worker_waits_on_a_lock(dsn: str) -> bool:
+    return bool(scalar(dsn, "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE "
+                            "'bgsync backfill orders_v2 worker%%' AND wait_event_type = 'Lock'"))
+
+
+def _copied_past(dsn: str, key: int) -> bool:
+    """The journal says the partition holding `key` has been copied past it."""
+    if not scalar(dsn, "SELECT to_regclass('bgsync.chunks')"):
+        return False
+    return bool(scalar(dsn, "SELECT count(*) FROM bgsync.chunks WHERE coalesce(lo[1]::bigint, -1) < %s "
+                            "AND cursor[1]::bigint >= %s", [key, key]))
+
+
+@pytest.mark.parametrize("change", ["DELETE FROM public.orders WHERE id = 5",
+                                    "UPDATE public.orders SET id = 900005 WHERE id = 5"], ids=["delete", "key change"])
+def test_batch_waits_for_an_uncommitted_delete_and_never_brings_the_row_back(dsn: str, change: str) -> None:
+    """FOR KEY SHARE (DESIGN, "Backfill races"): the delete's trigger already ran (green had no row 5 to
+    remove), so a batch that copied row 5 before the delete committed would bring it back for good. The
+    batch must wait for the delete, then skip the row."""
+    import psycopg
+
+    from tests.helpers import spawn_bgsync, wait_for
+
+    load_schema(dsn)
+    seed(dsn, orders=3_000)
+    path = str(PLANS / "orders_v2.yaml")
+    assert bgsync(dsn, "prepare", path).code == 0
+    with psycopg.connect(dsn) as app:
+        app.execute(change)                                   # uncommitted
+        proc = spawn_bgsync(dsn, "backfill", path, "--workers", "1", "--batch-rows", "1000")
+        # the batch of ids 1..1000 either waits for the change, or has copied past id 5 without waiting
+        wait_for(lambda: _worker_waits_on_a_lock(dsn) or _copied_past(dsn, 5), timeout=60)
+        waited = _worker_waits_on_a_lock(dsn)
+        app.commit()
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert scalar(dsn, "SELECT count(*) FROM public.orders_v2 WHERE id = 5") == 0
+    assert plan_diff(dsn, "orders_v2") == []
+    assert waited, "the batch copied row 5 without waiting for the uncommitted change"

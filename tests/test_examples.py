@@ -68,3 +68,49 @@ def test_composite_integer_key_backfills_in_key_order(dsn: str, tmp_path: Path) 
                                           "WHERE detail IS NOT NULL")]
     assert max(sizes) <= 701 and len(sizes) >= 30000 // 701
     assert bgsync(dsn, "verify", str(file)).code == 0
+
+
+def catalog_columns(dsn: str, table: str) -> list[tuple[object, ...]]:
+    """(name, type, NOT NULL) of each column, in order, read from the catalog."""
+    with psycopg.connect(dsn) as conn:
+        return [tuple(r) for r in conn.execute(
+            """SELECT a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull FROM pg_attribute a
+                WHERE a.attrelid = %s::regclass AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum""",
+            [table])]
+
+
+@pytest.mark.parametrize("table", ["public.orders", "public.accounts", "public.sessions"])
+def test_init_writes_a_plan_that_validates_runs_and_round_trips(dsn: str, tmp_path: Path, table: str) -> None:
+    """`bgsync init` scaffolds every column of the live table with its type (read here from the catalog
+    independently), the plan validates, parses back to itself, prepares, backfills and verifies, and
+    `plan show` prints the file back."""
+    from orchestrator import commands
+    from orchestrator.plan import load_plan, parse_plan
+
+    load_schema(dsn)
+    seed(dsn, orders=2_000, accounts=1_000, sessions=1_000)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("ALTER TABLE public.orders ADD CONSTRAINT orders_amount_nonneg CHECK (amount >= 0)")
+        conn.execute("CREATE INDEX orders_open_idx ON public.orders (state) WHERE state <> 'void'")
+    file = tmp_path / "scaffold.yaml"
+    written = bgsync(dsn, "init", table, "-o", str(file))
+    assert written.code == 0, written.err
+    assert f"wrote {file}" in written.err
+    validated = bgsync(dsn, "validate", str(file))
+    assert validated.code == 0, validated.err
+    plan = load_plan(file)
+    blue = catalog_columns(dsn, table)
+    assert [(c.name, c.type, c.not_null) for c in plan.columns] == blue
+    if table == "public.orders":
+        assert {(tuple(i.columns), i.where) for i in plan.indexes} == {(("customer_id",), None),
+                                                                      (("state",), "(state <> 'void'::text)")}
+        assert [(c.name, c.expression) for c in plan.checks] == [("orders_amount_nonneg", "(amount >= 0)")]
+    dumped = yaml.safe_dump(plan.model_dump(mode="json", by_alias=True, exclude_none=True))
+    assert parse_plan(yaml.safe_load(dumped)) == plan
+    options = commands.Options(dsn=dsn)
+    commands.prepare(options, file)
+    commands.backfill(options, file)
+    assert commands.verify(options, file).passed
+    assert catalog_columns(dsn, f"{table}_v2") == blue
+    shown = bgsync(dsn, "plan", "show", plan.name)
+    assert shown.code == 0 and shown.out == file.read_text()

@@ -33,7 +33,8 @@ CREATE TABLE public.orders (
 );
 GRANT SELECT, INSERT, UPDATE, DELETE ON public.orders TO shop_app;
 GRANT USAGE ON SEQUENCE public.orders_id_seq TO shop_app;
-INSERT INTO public.orders (customer_id, amount_cents, note) SELECT g % 40, g * 10, 'n' || g FROM generate_series(1, 3000) g;
+INSERT INTO public.orders (customer_id, amount_cents, note)
+SELECT g % 40, g * 10, 'n' || g FROM generate_series(1, 3000) g;
 """
 PLAN: dict[str, Any] = {
     "name": "orders_v2", "source": "public.orders",
@@ -231,7 +232,8 @@ BEGIN
     NEW.touched := coalesce(NEW.touched, 0) + 1;
     RETURN NEW;
 END $$;
-CREATE TRIGGER orders_touch BEFORE INSERT OR UPDATE ON public.orders FOR EACH ROW EXECUTE FUNCTION public.orders_touch();
+CREATE TRIGGER orders_touch BEFORE INSERT OR UPDATE ON public.orders
+    FOR EACH ROW EXECUTE FUNCTION public.orders_touch();
 """
 
 

@@ -61,6 +61,15 @@ def test_sql_phase_all_matches_expected(dsn: str) -> None:
     result = bgsync(dsn, "sql", str(PLANS / "orders_v2.yaml"), "--phase", "all")
     assert result.code == 0, result.err
     _compare(result.out, "orders_v2.all.sql")
+    # the reviewed file holds every phase, in order, each with its statements
+    reviewed = (EXPECTED / "orders_v2.all.sql").read_text()
+    phases = [line.removeprefix("-- phase: ") for line in reviewed.splitlines() if line.startswith("-- phase: ")]
+    assert phases == ["prepare", "backfill", "verify", "cutover", "rollback", "finalize"]
+    cutover, rollback, finalize = (reviewed.split(f"-- phase: {phase}\n", 1)[1]
+                                   for phase in ("cutover", "rollback", "finalize"))
+    assert 'ALTER TABLE "public"."orders" RENAME TO "orders_old";' in cutover
+    assert 'ALTER TABLE "public"."orders_old" RENAME TO "orders";' in rollback
+    assert 'DROP TABLE "public"."orders_old";' in finalize
 
 
 def test_build_spec_reports_every_problem_by_field() -> None:

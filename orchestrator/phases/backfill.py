@@ -3,7 +3,10 @@
 Each batch is one transaction that claims its partition row (FOR UPDATE SKIP LOCKED), copies rows
 locked FOR KEY SHARE with ON CONFLICT DO NOTHING, and advances the partition's cursor: progress and
 rows commit together, so a killed backfill resumes exactly where it stopped, and any number of
-workers or processes cooperate on one plan.
+workers or processes cooperate on one plan. A partition whose row another session holds (another
+process's batch, or the session of a killed process that the server has not ended yet) is claimed
+as soon as it is free; while every worker waits for such partitions the holders are named, and the
+backfill gives up once they make no progress for `backfill.held_partition_wait`.
 """
 
 from __future__ import annotations
@@ -25,11 +28,12 @@ from psycopg import sql
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from orchestrator import catalog, db, log, surroundings
-from orchestrator.catalog import INTEGER_TYPES
+from orchestrator.catalog import INTEGER_TYPES, Session
 from orchestrator.errors import DatabaseError, Interrupted
 from orchestrator.executor import Executor, Statement, Unit
 from orchestrator.journal import LOCK_CLASS, green_written_statement, phase_statement, session_pin_statement
 from orchestrator.phases.keys import keys_units
+from orchestrator.plan import duration_seconds
 from orchestrator.render import render, render_steps
 from orchestrator.spec import MigrationSpec
 
@@ -37,6 +41,7 @@ Conn = psycopg.Connection[Any]
 Key = list[str]
 RETRYABLE = (pgerrors.SerializationFailure, pgerrors.DeadlockDetected, pgerrors.LockNotAvailable)
 SAMPLE_TARGET_ROWS = 20000
+HELD_PARTITION_POLL = 0.2   # seconds between claims while every unfinished partition is held by another session
 
 
 @dataclass(frozen=True)
@@ -46,6 +51,7 @@ class Settings:
     max_rows_per_second: float
     lock_timeout: str = "2s"     # for the short locks that add green's foreign keys
     attempts: int = 10
+    held_partition_wait: str = "1min"   # a PostgreSQL duration: held partitions without progress, then give up
 
 
 def _statement(template: str, **context: Any) -> Statement:
@@ -221,6 +227,27 @@ class Shared:
     errors: list[BaseException] = field(default_factory=list)
     copied: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
+    waiting: set[int] = field(default_factory=set)      # workers waiting for partitions held by other sessions
+    backends: set[int] = field(default_factory=set)     # the workers' server pids (never named as holders)
+
+    def wait_for_held(self, number: int, waiting: bool) -> None:
+        with self.lock:
+            if waiting:
+                self.waiting.add(number)
+            else:
+                self.waiting.discard(number)
+
+    def all_waiting(self, alive: list[int]) -> bool:
+        with self.lock:
+            return bool(alive) and set(alive) <= self.waiting
+
+
+class _NothingFree(Exception):
+    """No partition could be claimed: `unfinished` are left, all held by other sessions (0: finished)."""
+
+    def __init__(self, unfinished: int) -> None:
+        super().__init__(unfinished)
+        self.unfinished = unfinished
 
 
 def worker(shared: Shared, number: int) -> None:
@@ -234,6 +261,7 @@ def worker(shared: Shared, number: int) -> None:
     executor = Executor(conn, dry_run=False, migration=spec.name, state_schema=spec.state_schema)
     sqls = BatchSql(spec, shared.settings.batch_rows)
     claim = _statement("backfill_claim.sql.j2", spec=spec)
+    status = _statement("backfill_status.sql.j2", spec=spec)
     progress = _statement("backfill_progress.sql.j2", spec=spec)
     event = render("journal_event.sql.j2", schema=spec.state_schema)
     retries = 0
@@ -241,12 +269,14 @@ def worker(shared: Shared, number: int) -> None:
         for statement in [*session_statements(), session_pin_statement(spec)]:
             executor.execute(conn, statement)
         conn.commit()
+        with shared.lock:
+            shared.backends.add(conn.info.backend_pid)
         while not shared.stop.is_set():
             try:
                 with conn.transaction():
                     claimed = executor.execute(conn, claim)
                     if not claimed:
-                        return
+                        raise _NothingFree(int(executor.execute(conn, status)[0][0]))
                     chunk = Chunk(*claimed[0])
                     lower, upper, finished = next_range(conn, executor, sqls, spec, chunk)
                     started = time.perf_counter()
@@ -258,13 +288,22 @@ def worker(shared: Shared, number: int) -> None:
                                          json.dumps({"chunk": chunk.chunk_no, "lower": lower, "upper": upper,
                                                      "rows": inserted, "worker": number})])
                 retries = 0
+            except _NothingFree as nothing:
+                if nothing.unfinished == 0:
+                    return
+                # the rest is held by other sessions: claim each partition as soon as it is free
+                shared.wait_for_held(number, True)
+                shared.stop.wait(HELD_PARTITION_POLL)
+                continue
             except RETRYABLE as error:
+                shared.wait_for_held(number, False)
                 retries += 1
                 if retries > 20:
                     raise
                 log.warn(f"worker {number}: {type(error).__name__}, retrying batch ({retries})")
                 shared.stop.wait(min(2.0, 0.05 * 2**retries))
                 continue
+            shared.wait_for_held(number, False)
             with shared.lock:
                 shared.copied += inserted
             if shared.progress is not None:
@@ -275,6 +314,58 @@ def worker(shared: Shared, number: int) -> None:
         shared.stop.set()
     finally:
         conn.close()
+
+
+@dataclass
+class HeldPartitions:
+    """While every worker waits for partitions that other sessions hold, name the holders (stderr and the
+    journal, outcome 'waiting') and give up once the held partitions make no progress for the bound."""
+
+    spec: MigrationSpec
+    bound: str
+    statement: Statement = field(init=False)
+    seen: tuple[tuple[int, int], ...] | None = None    # (partition, batches) of the unfinished ones
+    since: float = 0.0                                  # when all workers waited, or progress was last seen
+    named: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        self.statement = _statement("backfill_held.sql.j2", spec=self.spec)
+
+    def check(self, conn: Conn, executor: Executor, shared: Shared, alive: list[int]) -> str | None:
+        """None to keep waiting, else why the backfill gives up."""
+        if not shared.all_waiting(alive):
+            self.seen = None
+            return None
+        rows = executor.execute(conn, self.statement)
+        conn.commit()
+        now = time.monotonic()
+        state = tuple(sorted({(int(r[0]), int(r[1])) for r in rows}))
+        if state != self.seen:
+            self.seen, self.since = state, now
+        if not rows:
+            return None
+        with shared.lock:
+            ours = set(shared.backends)
+        holders = {int(r[2]): Session(int(r[2]), r[3] or "", r[4] or "", r[5]) for r in rows
+                   if r[2] is not None and int(r[2]) not in ours}
+        held = ", ".join(str(p) for p, _ in state)
+        who = "; ".join(h.describe() for h in holders.values()) or "a session bgsync cannot identify"
+        if tuple(holders) != self.named:
+            self.named = tuple(holders)
+            message = (f"waiting for partition(s) {held} held by {who}: a batch of another backfill process, or "
+                       f"the session of a killed one that the server has not ended yet; giving up after "
+                       f"{self.bound} without progress (backfill.held_partition_wait)")
+            log.info(f"backfill {self.spec.name}: {message}")
+            conn.execute(render("journal_event.sql.j2", schema=self.spec.state_schema),
+                         [self.spec.name, "backfill", "wait for held partitions", None, None, "waiting", message])
+            conn.commit()
+        if now - self.since <= duration_seconds(self.bound):
+            return None
+        end = " or ".join(f"SELECT pg_terminate_backend({pid})" for pid in holders) or \
+            "SELECT pg_terminate_backend(pid) for the session holding it"
+        return (f"backfill {self.spec.name}: partition(s) {held} held by {who} with no progress for {self.bound} "
+                f"(backfill.held_partition_wait); if it is the session of a killed bgsync process, the server ends "
+                f"it once it notices (or end it now: {end}); then rerun `bgsync backfill` to resume")
 
 
 @contextmanager
@@ -294,7 +385,7 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 
 
 def session_statements() -> list[Statement]:
-    return [Statement(d, s) for d, s in render_steps("backfill_session.sql.j2")]
+    return [Statement(d, s) for d, s in render_steps("backfill_session.sql.j2", lock_timeout=db.DEFAULT_LOCK_TIMEOUT)]
 
 
 def _progress() -> Progress:
@@ -333,6 +424,8 @@ def run(conn: Conn, dsn: str, spec: MigrationSpec, settings: Settings) -> None:
                for i in range(settings.workers)]
     started = time.monotonic()
     interrupted = False
+    held = HeldPartitions(spec, settings.held_partition_wait)
+    gave_up: str | None = None
     with _sigterm_as_interrupt(), progress:
         for thread in threads:
             thread.start()
@@ -345,13 +438,18 @@ def run(conn: Conn, dsn: str, spec: MigrationSpec, settings: Settings) -> None:
                 done = int(copied_before) + shared.copied
                 total = max(progress.tasks[0].total or 0, done)
                 progress.update(shared.task, total=total, rate=f"{shared.copied / elapsed:,.0f} rows/s")
+                gave_up = held.check(conn, executor, shared, [i for i, t in enumerate(threads) if t.is_alive()])
+                if gave_up is not None:
+                    stop.set()
+                    for thread in threads:
+                        thread.join()
         except KeyboardInterrupt:
             interrupted = True
             stop.set()
             log.warn("interrupt: stopping after the current batches")
             for thread in threads:
                 thread.join()
-        if not shared.errors and not interrupted:
+        if not shared.errors and not interrupted and gave_up is None:
             # finished: the real total replaces the estimate, so the bar ends exactly full
             done = int(copied_before) + shared.copied
             progress.update(shared.task, total=done, completed=done)
@@ -359,19 +457,19 @@ def run(conn: Conn, dsn: str, spec: MigrationSpec, settings: Settings) -> None:
         error = shared.errors[0]
         message = error.diag.message_primary if isinstance(error, psycopg.Error) and error.diag.message_primary \
             else str(error)
-        raise DatabaseError(f"backfill {spec.name} failed: {db.redact(message)}; rerun to resume")
+        raise DatabaseError(f"backfill {spec.name} failed: {db.redact(message)}"
+                            f"{db.lock_timeout_hint(error, db.DEFAULT_LOCK_TIMEOUT)}; rerun to resume")
     if interrupted:
         raise Interrupted(f"backfill {spec.name} interrupted; {shared.copied:,} rows copied in this run, "
                           f"progress recorded: rerun `bgsync backfill` to resume")
+    if gave_up is not None:
+        raise DatabaseError(gave_up)
 
-    # Partitions held by another process: wait for them so indexes are built on complete data.
-    while True:
-        remaining, total_chunks, copied_total = executor.execute(conn, status)[0]
-        conn.commit()
-        if remaining == 0:
-            break
-        log.info(f"waiting for {remaining} partition(s) held by another backfill process")
-        time.sleep(1.0)
+    # every worker ended with no partition left (held ones were waited for), so indexes see complete data
+    remaining, total_chunks, copied_total = executor.execute(conn, status)[0]
+    conn.commit()
+    if remaining:
+        raise DatabaseError(f"backfill {spec.name}: {remaining} partition(s) left; rerun to resume")
     with db.connect(dsn, f"backfill {spec.name} indexes", lock_timeout="0") as index_conn:
         # CONCURRENTLY waits for older transactions; those waits block no writer, so no timeout here.
         build_indexes(index_conn, Executor(index_conn, dry_run=False, migration=spec.name,

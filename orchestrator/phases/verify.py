@@ -335,7 +335,8 @@ def run(conn: Conn, dsn: str, spec: MigrationSpec, workers: int, *, record: bool
         error = errors[0]
         message = error.diag.message_primary if isinstance(error, psycopg.Error) and error.diag.message_primary \
             else str(error)
-        raise DatabaseError(f"verify {spec.name} failed: {db.redact(str(message))}")
+        raise DatabaseError(f"verify {spec.name} failed: {db.redact(str(message))}"
+                            f"{db.lock_timeout_hint(error, db.DEFAULT_LOCK_TIMEOUT)}; nothing was recorded")
     report.seconds = time.perf_counter() - started
     if record:
         record_result(executor, spec, report, started_at)
