@@ -64,7 +64,7 @@ def test_sql_phase_all_matches_expected(dsn: str) -> None:
     # the reviewed file holds every phase, in order, each with its statements
     reviewed = (EXPECTED / "orders_v2.all.sql").read_text()
     phases = [line.removeprefix("-- phase: ") for line in reviewed.splitlines() if line.startswith("-- phase: ")]
-    assert phases == ["prepare", "backfill", "verify", "cutover", "rollback", "finalize"]
+    assert phases == ["prepare", "backfill", "verify", "expose", "cutover", "rollback", "finalize"]
     cutover, rollback, finalize = (reviewed.split(f"-- phase: {phase}\n", 1)[1]
                                    for phase in ("cutover", "rollback", "finalize"))
     assert 'ALTER TABLE "public"."orders" RENAME TO "orders_old";' in cutover

@@ -332,22 +332,29 @@ EXCEPTION WHEN insufficient_privilege THEN
     NULL;
 END
 $bgsync$;
--- take the table locks of the flip ("public"."orders", "public"."orders_v2") together, never queueing: NOWAIT, retried every 2 ms for at most lock_timeout (2s)
+-- take the table locks of the flip ("public"."orders", "public"."orders_v2") together: NOWAIT, retried every 2 ms for half of lock_timeout (2s), then waiting in the queue for the rest (bounded below deadlock_timeout)
 DO $bgsync$
 DECLARE
-    deadline timestamptz := clock_timestamp() + '2s'::interval;
+    timeout interval := '2s'::interval;
+    started timestamptz := clock_timestamp();
+    server_deadlock interval := (SELECT (reset_val || unit)::interval FROM pg_settings WHERE name = 'deadlock_timeout');
+    wait interval;
 BEGIN
     LOOP
         BEGIN
             LOCK TABLE "public"."orders", "public"."orders_v2" IN ACCESS EXCLUSIVE MODE NOWAIT;
             RETURN;
         EXCEPTION WHEN lock_not_available THEN
-            IF clock_timestamp() >= deadline THEN
-                RAISE;
-            END IF;
+            EXIT WHEN clock_timestamp() - started >= timeout / 2;
         END;
         PERFORM pg_sleep(0.002);
     END LOOP;
+    wait := greatest(timeout - (clock_timestamp() - started), interval '1 millisecond');
+    IF current_setting('deadlock_timeout')::interval >= server_deadlock THEN
+        wait := least(wait, server_deadlock / 2);
+    END IF;
+    PERFORM set_config('lock_timeout', (ceil(extract(epoch FROM wait) * 1000))::int::text || 'ms', true);
+    LOCK TABLE "public"."orders", "public"."orders_v2" IN ACCESS EXCLUSIVE MODE;
 END
 $bgsync$;
 -- later lock waits: lock_timeout where deadlock_timeout could be lowered, else a tenth of deadlock_timeout at most
@@ -502,22 +509,29 @@ EXCEPTION WHEN insufficient_privilege THEN
     NULL;
 END
 $bgsync$;
--- take the table locks of the flip ("public"."orders", "public"."orders_old") together, never queueing: NOWAIT, retried every 2 ms for at most lock_timeout (2s)
+-- take the table locks of the flip ("public"."orders", "public"."orders_old") together: NOWAIT, retried every 2 ms for half of lock_timeout (2s), then waiting in the queue for the rest (bounded below deadlock_timeout)
 DO $bgsync$
 DECLARE
-    deadline timestamptz := clock_timestamp() + '2s'::interval;
+    timeout interval := '2s'::interval;
+    started timestamptz := clock_timestamp();
+    server_deadlock interval := (SELECT (reset_val || unit)::interval FROM pg_settings WHERE name = 'deadlock_timeout');
+    wait interval;
 BEGIN
     LOOP
         BEGIN
             LOCK TABLE "public"."orders", "public"."orders_old" IN ACCESS EXCLUSIVE MODE NOWAIT;
             RETURN;
         EXCEPTION WHEN lock_not_available THEN
-            IF clock_timestamp() >= deadline THEN
-                RAISE;
-            END IF;
+            EXIT WHEN clock_timestamp() - started >= timeout / 2;
         END;
         PERFORM pg_sleep(0.002);
     END LOOP;
+    wait := greatest(timeout - (clock_timestamp() - started), interval '1 millisecond');
+    IF current_setting('deadlock_timeout')::interval >= server_deadlock THEN
+        wait := least(wait, server_deadlock / 2);
+    END IF;
+    PERFORM set_config('lock_timeout', (ceil(extract(epoch FROM wait) * 1000))::int::text || 'ms', true);
+    LOCK TABLE "public"."orders", "public"."orders_old" IN ACCESS EXCLUSIVE MODE;
 END
 $bgsync$;
 -- later lock waits: lock_timeout where deadlock_timeout could be lowered, else a tenth of deadlock_timeout at most
@@ -645,22 +659,29 @@ EXCEPTION WHEN insufficient_privilege THEN
     NULL;
 END
 $bgsync$;
--- take the table locks of the flip ("public"."orders") together, never queueing: NOWAIT, retried every 2 ms for at most lock_timeout (2s)
+-- take the table locks of the flip ("public"."orders") together: NOWAIT, retried every 2 ms for half of lock_timeout (2s), then waiting in the queue for the rest (bounded below deadlock_timeout)
 DO $bgsync$
 DECLARE
-    deadline timestamptz := clock_timestamp() + '2s'::interval;
+    timeout interval := '2s'::interval;
+    started timestamptz := clock_timestamp();
+    server_deadlock interval := (SELECT (reset_val || unit)::interval FROM pg_settings WHERE name = 'deadlock_timeout');
+    wait interval;
 BEGIN
     LOOP
         BEGIN
             LOCK TABLE "public"."orders" IN ACCESS EXCLUSIVE MODE NOWAIT;
             RETURN;
         EXCEPTION WHEN lock_not_available THEN
-            IF clock_timestamp() >= deadline THEN
-                RAISE;
-            END IF;
+            EXIT WHEN clock_timestamp() - started >= timeout / 2;
         END;
         PERFORM pg_sleep(0.002);
     END LOOP;
+    wait := greatest(timeout - (clock_timestamp() - started), interval '1 millisecond');
+    IF current_setting('deadlock_timeout')::interval >= server_deadlock THEN
+        wait := least(wait, server_deadlock / 2);
+    END IF;
+    PERFORM set_config('lock_timeout', (ceil(extract(epoch FROM wait) * 1000))::int::text || 'ms', true);
+    LOCK TABLE "public"."orders" IN ACCESS EXCLUSIVE MODE;
 END
 $bgsync$;
 -- later lock waits: lock_timeout where deadlock_timeout could be lowered, else a tenth of deadlock_timeout at most
