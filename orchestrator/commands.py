@@ -22,12 +22,13 @@ import yaml
 from orchestrator import catalog, db, log, origin, states
 from orchestrator.errors import BgsyncError, Cancelled, DatabaseError, GateRefused, ParityMismatch, UsageError
 from orchestrator.executor import Executor, Unit
-from orchestrator.journal import MigrationRow, get_migration, migration_lock, require_same_plan
+from orchestrator.journal import MigrationRow, get_migration, journal_unit, migration_lock, require_same_plan
+from orchestrator.names import QualifiedName
 from orchestrator.phases import backfill as backfill_phase
 from orchestrator.phases import cutover as cutover_phase
 from orchestrator.phases import expose as expose_phase
+from orchestrator.phases import operations, scaffold
 from orchestrator.phases import rollback as rollback_phase
-from orchestrator.phases import scaffold
 from orchestrator.phases import status as status_phase
 from orchestrator.phases import verify as verify_phase
 from orchestrator.phases.prepare import prepare_units
@@ -297,13 +298,18 @@ def _check_prepared(conn: Conn, row: MigrationRow, plan_path: Path) -> None:
 
 
 def backfill(options: Options, plan_path: Path, *, workers: int | None = None, batch_rows: int | None = None,
-             max_rows_per_second: float | None = None, dry_run: bool = False, conn: Conn | None = None) -> None:
+             max_rows_per_second: float | None = None, dry_run: bool = False, conn: Conn | None = None,
+             max_replica_lag: str | None = None, throttle_sql: str | None = None,
+             metrics_port: int | None = None) -> None:
     plan = load_plan(plan_path)
+    if throttle_sql is not None and not throttle_sql.strip():
+        raise UsageError("--throttle-sql: the query is empty")
     settings = backfill_phase.Settings(
         workers=workers or plan.backfill.workers, batch_rows=batch_rows or plan.backfill.batch_rows,
         max_rows_per_second=plan.backfill.max_rows_per_second if max_rows_per_second is None
         else max_rows_per_second, lock_timeout=plan.cutover.lock_timeout, attempts=plan.cutover.attempts,
-        held_partition_wait=plan.backfill.held_partition_wait)
+        held_partition_wait=plan.backfill.held_partition_wait, batch_time=plan.backfill.batch_time,
+        max_replica_lag=max_replica_lag, throttle_sql=throttle_sql, metrics_port=metrics_port)
     dsn = db.resolve_dsn(options.dsn)
     with _use(conn, options, f"backfill {plan.name}") as conn:
         if dry_run:
@@ -327,6 +333,52 @@ def backfill(options: Options, plan_path: Path, *, workers: int | None = None, b
         return None
 
 
+def pause(options: Options, plan_path: Path, *, resume: bool = False) -> None:
+    """Set (or clear) the pause flag every backfill worker of every process reads between batches."""
+    plan = load_plan(plan_path)
+    verb = "resume" if resume else "pause"
+    with _connection(options, f"{verb} {plan.name}") as conn:
+        row = get_migration(conn, options.state_schema, plan.name)
+        if row is None or not row.active:
+            raise _refused(verb, conn, options, plan, plan_path, row)
+        require_same_plan(row, plan)
+        executor = Executor(conn, dry_run=False, migration=plan.name, state_schema=options.state_schema)
+        if not catalog.relation_exists(conn, QualifiedName(options.state_schema, "runs")):
+            conn.rollback()
+            executor.run(journal_unit(options.state_schema))
+        conn.rollback()
+        was = status_phase.backfill_state(conn, options.state_schema, plan.name)
+        conn.rollback()      # the flag is set in its own transaction, committed before we look for holders
+        executor.run(Unit(f"{verb} {plan.name}", [operations.pause_statement(options.state_schema, plan.name,
+                                                                              not resume)], phase="backfill"))
+        if resume:
+            if not was["paused"]:
+                log.success(f"migration {plan.name} is not paused; nothing to do")
+            else:
+                log.success(f"resumed {plan.name}: {_processes(was['processes'])} go on with their next batch")
+            if was["processes"] == 0 and row.phase in ("prepared", "backfilling"):
+                _next(options, row.phase, plan_path)
+            return None
+        if was["paused"]:
+            log.success(f"migration {plan.name} is already paused; nothing to do")
+            return None
+        # the running processes notice within a quarter second; wait until each says it holds
+        deadline = time.monotonic() + 2.0
+        state = was
+        while time.monotonic() < deadline and state["processes"] > state["holding"]:
+            time.sleep(0.1)
+            state = status_phase.backfill_state(conn, options.state_schema, plan.name)
+            conn.rollback()
+        log.success(f"paused {plan.name}: {_processes(state['processes'])} holding ({state['holding']} confirmed); "
+                    f"`{states.command('resume', plan_path)}` goes on")
+        return None
+
+
+def _processes(count: int) -> str:
+    return "no backfill process is running" if count == 0 else \
+        "1 backfill process" if count == 1 else f"{count} backfill processes"
+
+
 def verify(options: Options, plan_path: Path, *, workers: int | None = None, as_json: bool = False,
            repair: bool = False, dry_run: bool = False, conn: Conn | None = None) -> verify_phase.Report:
     plan = load_plan(plan_path)
@@ -348,14 +400,17 @@ def verify(options: Options, plan_path: Path, *, workers: int | None = None, as_
         dsn = db.resolve_dsn(options.dsn)
         with migration_lock(conn, plan.name, shared=True):
             wait = duration_seconds(plan.verify.snapshot_wait)
-            report = verify_phase.run(conn, dsn, row.spec, workers or plan.verify.workers, snapshot_wait=wait)
+            age = duration_seconds(plan.verify.max_snapshot_age)
+            report = verify_phase.run(conn, dsn, row.spec, workers or plan.verify.workers, snapshot_wait=wait,
+                                      max_snapshot_age=age)
             if not report.passed and repair:
                 if not as_json:
                     _print_report(report)
                 count = verify_phase.repair(conn, row.spec, report)
                 log.info(f"repaired {count} range(s); verifying again")
                 first = report
-                report = verify_phase.run(conn, dsn, row.spec, workers or plan.verify.workers, snapshot_wait=wait)
+                report = verify_phase.run(conn, dsn, row.spec, workers or plan.verify.workers, snapshot_wait=wait,
+                                      max_snapshot_age=age)
                 report.repaired = first
         mismatch = None if report.passed else ParityMismatch(
             f"verify {plan.name}: {report.mismatched_rows} row(s) differ between blue and green; run "
@@ -443,7 +498,7 @@ def expose(options: Options, plan_path: Path, *, dry_run: bool = False, conn: Co
 
 
 def cutover(options: Options, plan_path: Path, *, lock_timeout: str | None = None, attempts: int | None = None,
-            dry_run: bool = False, conn: Conn | None = None) -> None:
+            dry_run: bool = False, conn: Conn | None = None, cancel_blockers: bool = False) -> None:
     plan = load_plan(plan_path)
     with _use(conn, options, f"cutover {plan.name}", plan.cutover.lock_timeout) as conn:
         row = get_migration(conn, options.state_schema, plan.name)
@@ -501,6 +556,8 @@ def cutover(options: Options, plan_path: Path, *, lock_timeout: str | None = Non
             before, unit = flip()
             for prior in before:
                 executor.run(prior)
+            if cancel_blockers:
+                executor.on_give_way = cutover_phase.BlockerCanceller(conn, spec, timeout).cancel
             started = time.perf_counter()
             executor.run(unit)
             held = time.perf_counter() - started
@@ -670,8 +727,11 @@ def _print_status(report: dict[str, Any], where: str) -> None:
         out.write(f"{m['name']}: {states.words(m['phase'])}  {m['source']} -> {m['target']} ({m['mode']} mode)\n")
         rate = f", {b['rows_per_second']:,.0f} rows/s" if b["rows_per_second"] else ""
         eta = f", ETA {b['eta_seconds']:.0f}s" if b["eta_seconds"] else ""
-        out.write(f"  backfill: {b['partitions_done']}/{b['partitions']} partitions, {b['rows_copied']:,} of "
-                  f"~{b['rows_estimate']:,} rows{rate}{eta}\n")
+        out.write(f"  backfill: {_backfill_state(b)}{b['partitions_done']}/{b['partitions']} partitions, "
+                  f"{b['rows_copied']:,} of ~{b['rows_estimate']:,} rows{rate}{eta}\n")
+        if m.get("change_log_keys") is not None:
+            out.write(f"  sync: bulk mode, {m['change_log_keys']:,} changed key(s) in the change log, re-read from "
+                      f"blue before the switch to dual write\n")
         verdict = _verdict(m["verify"])
         if m["rolled_back_at"] is not None and m["verify"] is None:
             verdict = f"never run since the rollback at {m['rolled_back_at']}"
@@ -679,6 +739,19 @@ def _print_status(report: dict[str, Any], where: str) -> None:
                 verdict += f"; before the rollback: {_verdict(m['verify_before_rollback'])}"
         out.write(f"  last verify: {verdict}\n")
         out.write(f"  drift: {'; '.join(m['drift']) if m['drift'] else 'none (triggers and tables as expected)'}\n")
+
+
+def _backfill_state(b: dict[str, Any]) -> str:
+    """`running (2 processes, heartbeat 0.3s ago), `, `paused (...)`, `interrupted (...)`, or nothing."""
+    state = b.get("state")
+    if state is None:
+        return ""
+    if state == "interrupted":
+        return "interrupted (no backfill process is running; rerun `bgsync backfill` to resume), "
+    alive = f"{_processes(b['processes'])}, heartbeat {b['heartbeat_age_seconds']}s ago" if b["processes"] else \
+        "no backfill process is running"
+    held = f"; held: {'; '.join(b['held'])}" if b["held"] and state == "running" else ""
+    return f"{state} ({alive}{held}), "
 
 
 def _verdict(verify: dict[str, Any] | None) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
@@ -52,6 +52,7 @@ class Executor:
     migration: str = ""
     state_schema: str = "bgsync"
     out: TextIO = field(default_factory=lambda: sys.stdout)
+    on_give_way: Callable[[Unit], None] | None = None   # after a lock attempt failed, before the next one
     _journal_ready: bool = False
     _current: str = ""
 
@@ -100,6 +101,8 @@ class Executor:
                 pause = min(5.0, 0.1 * 2 ** (attempt - 1)) * (0.5 + random.random())
                 log.warn(f"{unit.title}: {_why(error)} (attempt {attempt}/{unit.attempts}), "
                          f"retrying in {pause:.2f}s")
+                if self.on_give_way is not None:
+                    self.on_give_way(unit)
                 time.sleep(pause)
             except psycopg.Error as error:
                 self._record_failure(unit, error)

@@ -131,15 +131,25 @@ class Check(_Strict):
 
 
 class Backfill(_Strict):
+    mode: Literal["bulk", "direct"] = Field(
+        default="bulk", description="bulk: green fills without indexes while the trigger records changed keys; "
+                                    "indexes are built after the copy, the recorded keys re-read from blue, and "
+                                    "the trigger switched to dual write under a short lock. direct: green has its "
+                                    "primary key from the start and the trigger writes it. Fixed at prepare.")
     workers: int = Field(default=4, ge=1, le=64)
     batch_rows: int = Field(default=10000, ge=1, le=10_000_000)
-    max_rows_per_second: float = Field(default=0, ge=0, description="0 = unthrottled")
+    max_rows_per_second: float = Field(
+        default=0, ge=0, description="Global: all workers of all processes of the migration together; 0 = unthrottled")
+    batch_time: str = Field(
+        default="500ms", description="Time target of one batch (PostgreSQL duration): batches start at `batch_rows` "
+                                     "rows and are resized after each batch to take about this long, never above "
+                                     "twice `batch_rows`.")
     held_partition_wait: str = Field(
         default="1min", description="How long the backfill waits for partitions that another session holds "
                                     "(a killed bgsync's session the server has not ended yet) while they make no "
                                     "progress, before it gives up naming the holder (PostgreSQL duration).")
 
-    _wait = field_validator("held_partition_wait", mode="before")(_duration)
+    _wait = field_validator("held_partition_wait", "batch_time", mode="before")(_duration)
 
 
 class Verify(_Strict):
@@ -148,7 +158,11 @@ class Verify(_Strict):
         default="10min", description="How long verify waits for transactions whose snapshot predates the last "
                                      "backfill or repair before it refuses (PostgreSQL duration).")
 
-    _wait = field_validator("snapshot_wait", mode="before")(_duration)
+    max_snapshot_age: str = Field(
+        default="30s", description="No verify snapshot lives longer (PostgreSQL duration): partitions are compared in "
+                                   "pieces sized to finish well within it, and a piece that does not is split.")
+
+    _wait = field_validator("snapshot_wait", "max_snapshot_age", mode="before")(_duration)
 
 
 class Cutover(_Strict):

@@ -104,6 +104,12 @@ class MigrationSpec:
     views: list[ViewSpec] = field(default_factory=list)
     versions: dict[str, str] = field(default_factory=dict)   # {"blue": schema, "green": schema} for expose
     blue_columns: list[str] = field(default_factory=list)     # blue's columns, in order (blue's shape)
+    bulk: bool = False     # backfill.mode bulk, fixed at prepare: green fills without indexes, changes logged
+
+    @property
+    def log_table(self) -> QualifiedName:
+        """The keys blue's writers changed while green fills in bulk mode (dropped at the switch)."""
+        return QualifiedName(self.state_schema, fit_name(self.name, "_log"))
 
     @property
     def integer_key(self) -> bool:
@@ -388,7 +394,7 @@ def build_spec(plan: Plan, blue: TableInfo, state_schema: str = DEFAULT_STATE_SC
         blue_identity_always=[c.name for c in blue.columns if c.identity == "a" and c.name in written_back],
         feeds=feeds, views=views,
         versions={} if plan.versions is None else {"blue": plan.versions.blue, "green": plan.versions.green},
-        blue_columns=[c.name for c in blue.columns])
+        blue_columns=[c.name for c in blue.columns], bulk=plan.backfill.mode == "bulk")
     return spec, []
 
 

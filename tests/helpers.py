@@ -106,3 +106,22 @@ def scalar(dsn: str, query: str, params: list[object] | None = None) -> object:
 def scalars(dsn: str, query: str, params: list[object] | None = None) -> list[object]:
     with psycopg.connect(dsn) as conn:
         return [r[0] for r in conn.execute(query, params).fetchall()]
+
+
+def plan_in_mode(plan: str, mode: str, directory: Path) -> str:
+    """A copy of an example plan (by name) whose backfill runs in `mode` (bulk or direct)."""
+    import yaml
+
+    data = yaml.safe_load((PLANS / f"{plan}.yaml").read_text(encoding="utf-8"))
+    data["backfill"] = {**data.get("backfill", {}), "mode": mode}
+    path = directory / f"{plan}.{mode}.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    return str(path)
+
+
+def copied_past(dsn: str, key: int) -> bool:
+    """The journal says the backfill partition holding integer `key` has been copied past it."""
+    if not scalar(dsn, "SELECT to_regclass('bgsync.chunks')"):
+        return False
+    return bool(scalar(dsn, "SELECT count(*) FROM bgsync.chunks WHERE coalesce(lo[1]::bigint, -1) < %s "
+                            "AND cursor[1]::bigint >= %s", [key, key]))

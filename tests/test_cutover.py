@@ -302,8 +302,9 @@ def test_view_foreign_key_and_identity_follow_each_flip(dsn: str, tmp_path: Path
 
 STATUS_KEYS = {"name", "phase", "source", "target", "retired", "mode", "window", "backfill", "verify",
                "verify_before_rollback",
-               "rolled_back_at", "triggers", "drift"}
-BACKFILL_KEYS = {"partitions", "partitions_done", "rows_copied", "rows_estimate", "rows_per_second", "eta_seconds"}
+               "rolled_back_at", "triggers", "drift", "backfill_mode", "change_log_keys"}
+BACKFILL_KEYS = {"partitions", "partitions_done", "rows_copied", "rows_estimate", "rows_per_second", "eta_seconds",
+                 "state", "processes", "heartbeat_age_seconds", "held", "held_seconds", "paused_at"}
 
 
 def test_status_json_is_schema_stable_and_reports_drift(dsn: str, tmp_path: Path) -> None:

@@ -62,16 +62,17 @@ def test_sigkill_mid_backfill_then_resume(dsn: str) -> None:
     with psycopg.connect(dsn) as conn:
         events = [(i, json.loads(d)) for i, d in conn.execute(
             "SELECT id, detail FROM bgsync.events WHERE migration = 'orders_v2' AND phase = 'backfill'"
-            " AND outcome = 'ok' AND detail IS NOT NULL ORDER BY id")]
+            " AND outcome = 'ok' AND detail IS NOT NULL AND detail::jsonb ? 'chunk' ORDER BY id")]
         chunks = {no: (lo, hi) for no, lo, hi in conn.execute(
             "SELECT chunk_no, lo, hi FROM bgsync.chunks WHERE migration = 'orders_v2'")}
     killed_run = {e["worker"] for i, e in events if i <= last_event_of_killed_run}
     assert killed_run == {0, 1}, "both workers of the killed run committed batches"
     assert any(i > last_event_of_killed_run for i, _ in events), "the rerun copied nothing"
-    by_chunk: dict[int, list[tuple[int | None, int]]] = {}
+    by_chunk: dict[int, list[tuple[int | None, int | None]]] = {}
     for _, e in events:
         lower = int(e["lower"][0]) if e["lower"] else None
-        by_chunk.setdefault(e["chunk"], []).append((lower, int(e["upper"][0])))
+        upper = int(e["upper"][0]) if e["upper"] else None      # the last partition is open-ended
+        by_chunk.setdefault(e["chunk"], []).append((lower, upper))
     assert set(by_chunk) == set(chunks), "a partition has no batch in the event log"
     for chunk_no, ranges in by_chunk.items():
         lo, hi = chunks[chunk_no]
@@ -79,7 +80,7 @@ def test_sigkill_mid_backfill_then_resume(dsn: str) -> None:
         for lower, upper in ranges:
             assert lower == expected_lower, f"partition {chunk_no}: batch ({lower}, {upper}] overlaps or skips"
             expected_lower = upper
-        assert expected_lower == int(hi[0])
+        assert expected_lower == (int(hi[0]) if hi else None)
 
 
 # -- a partition whose row lock another session holds (issue 9) -------------------------------------
@@ -89,13 +90,13 @@ def _backfill_sessions(dsn: str) -> int:
 
 
 def _partitions_planned_then_killed(dsn: str, path: str) -> None:
-    """A first backfill plans the partitions, copies one throttled batch per worker and is killed;
-    its sessions are gone afterwards (they were idle, waiting for the throttle)."""
+    """A first backfill plans the partitions, copies a few throttled batches and is killed; its sessions
+    are gone afterwards (a batch they were in rolled back)."""
     load_schema(dsn)
     seed(dsn, orders=12_000)
     assert bgsync(dsn, "prepare", path).code == 0
     first = spawn_bgsync(dsn, "backfill", path, "--workers", "2", "--batch-rows", "500",
-                         "--max-rows-per-second", "1")
+                         "--max-rows-per-second", "1000")
     wait_for(lambda: bool(scalar(dsn, "SELECT to_regclass('bgsync.chunks')")) and _copied(dsn) >= 1_000)
     os.kill(first.pid, signal.SIGKILL)
     first.wait()
@@ -136,8 +137,10 @@ def test_resumed_backfill_waits_for_a_held_partition_then_completes(dsn: str) ->
             holder.rollback()           # the holder goes away: the partition is free
     _, err = resumed.communicate(timeout=120)
     assert resumed.returncode == 0, err
-    [event] = _waiting_events(dsn)
-    assert f"partition(s) {held} " in event and "idle in transaction" in event, event
+    # named when the set of holders changes (a poll under load may briefly see the lock without its pid)
+    events = _waiting_events(dsn)
+    assert events and all(f"partition(s) {held} " in e for e in events), events
+    assert any(f"pid {pid} " in e and "idle in transaction" in e for e in events), events
     assert f"pid {pid} " in err and "waiting for" in err, err
     assert scalar(dsn, "SELECT count(*) FROM bgsync.chunks WHERE NOT done") == 0
     assert scalar(dsn, "SELECT phase FROM bgsync.migrations") == "backfilled"

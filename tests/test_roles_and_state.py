@@ -7,6 +7,7 @@ import uuid
 from pathlib import Path
 
 import psycopg
+import pytest
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
@@ -17,6 +18,7 @@ from tests.helpers import (
     load_schema,
     parity_diff,
     plan_diff,
+    plan_in_mode,
     scalar,
     seed,
     spawn_bgsync,
@@ -33,7 +35,8 @@ def _application_writes(app: psycopg.Connection[tuple[object, ...]], amount: str
     app.execute(f"DELETE FROM public.orders WHERE id BETWEEN {first + 40} AND {first + 45}")
 
 
-def test_dml_only_role_writes_through_every_phase(dsn: str) -> None:
+@pytest.mark.parametrize("mode", ["direct", "bulk"])
+def test_dml_only_role_writes_through_every_phase(dsn: str, mode: str, tmp_path: Path) -> None:
     """A role with only SELECT/INSERT/UPDATE/DELETE on blue and USAGE on its sequence writes through the
     forward trigger (after prepare and after backfill), through the reverse trigger after cutover, and
     through the forward trigger again after rollback; an independent EXCEPT ALL agrees each time."""
@@ -48,14 +51,24 @@ def test_dml_only_role_writes_through_every_phase(dsn: str) -> None:
     retired_blue = PROJECTIONS["orders_v2"][0].replace("public.orders", "public.orders_old")
     live_green = PROJECTIONS["orders_v2"][1].replace("public.orders_v2", "public.orders")
     try:
-        path = str(PLANS / "orders_v2.yaml")
+        path = plan_in_mode("orders_v2", mode, tmp_path)
         assert bgsync(dsn, "prepare", path).code == 0
         with psycopg.connect(make_conninfo(dsn, user=role), autocommit=True) as app:
             assert app.execute("SELECT current_user").fetchone() == (role,)
             _application_writes(app, "amount", 1)
-            # green holds exactly the rows the trigger mirrored: 2 inserted, 50 updated, 1 re-keyed, 6 deleted
             green = app.execute("SELECT count(*) FROM public.orders_v2").fetchone()
-            assert green is not None and green[0] == 2 + 50 + 1 - 6
+            if mode == "direct":
+                # green holds exactly the rows the trigger mirrored: 2 inserted, 50 updated, 1 re-keyed, 6 deleted
+                assert green is not None and green[0] == 2 + 50 + 1 - 6
+            else:
+                # bulk: the trigger (SECURITY DEFINER) recorded the keys in bgsync's log, which the role cannot
+                # read; green fills at the backfill
+                assert green == (0,)
+                with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                    app.execute("SELECT count(*) FROM bgsync.orders_v2_log")
+        if mode == "bulk":
+            logged = scalar(dsn, "SELECT count(DISTINCT id) FROM bgsync.orders_v2_log")
+            assert logged is not None and int(logged) >= 50  # type: ignore[call-overload]
         assert bgsync(dsn, "backfill", path).code == 0
         assert plan_diff(dsn, "orders_v2") == []
         # the role's grants on blue were copied to green
@@ -84,15 +97,27 @@ def test_dml_only_role_writes_through_every_phase(dsn: str) -> None:
             conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
 
 
-def test_trigger_fires_under_replica_role_and_for_truncate(dsn: str) -> None:
+@pytest.mark.parametrize("mode", ["direct", "bulk"])
+def test_trigger_fires_under_replica_role_and_for_truncate(dsn: str, mode: str, tmp_path: Path) -> None:
     load_schema(dsn)
     seed(dsn, orders=500)
-    path = str(PLANS / "orders_v2.yaml")
+    path = plan_in_mode("orders_v2", mode, tmp_path)
     assert bgsync(dsn, "prepare", path).code == 0
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("SET session_replication_role = replica")
         conn.execute("INSERT INTO public.orders (customer_id, amount) VALUES (7, 70)")
-        assert conn.execute("SELECT count(*) FROM public.orders_v2").fetchone() == (1,)
+        if mode == "direct":
+            assert conn.execute("SELECT count(*) FROM public.orders_v2").fetchone() == (1,)
+        else:
+            assert conn.execute("SELECT count(*) FROM bgsync.orders_v2_log").fetchone() == (1,)
+            # a TRUNCATE while green fills empties green and the log with blue
+            conn.execute("INSERT INTO public.orders_v2 SELECT id, customer_id, amount, state, note, created_at "
+                         "FROM public.orders WHERE id <= 10")
+            conn.execute("TRUNCATE public.orders")
+            assert conn.execute("SELECT count(*) FROM public.orders_v2").fetchone() == (0,)
+            assert conn.execute("SELECT count(*) FROM bgsync.orders_v2_log").fetchone() == (0,)
+            conn.execute("INSERT INTO public.orders (customer_id, amount) "
+                         "SELECT g % 50, g FROM generate_series(1, 300) g")
         conn.execute("RESET session_replication_role")
     assert bgsync(dsn, "backfill", path).code == 0
     assert plan_diff(dsn, "orders_v2") == []
@@ -138,7 +163,7 @@ def test_two_backfill_processes_cooperate(dsn: str) -> None:
     assert plan_diff(dsn, "orders_v2") == []
     # both processes copied batches (their workers' sessions are distinct backends)
     copiers = scalar(dsn, "SELECT count(DISTINCT backend_pid) FROM bgsync.events WHERE phase = 'backfill' "
-                          "AND outcome = 'ok' AND detail IS NOT NULL")
+                          "AND outcome = 'ok' AND detail IS NOT NULL AND detail::jsonb ? 'chunk'")
     assert copiers is not None and int(copiers) >= 3  # type: ignore[call-overload]
     assert scalar(dsn, "SELECT sum(rows_copied) FROM bgsync.chunks") == 20_000
     assert bgsync(dsn, "status").code == 0          # no drift

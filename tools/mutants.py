@@ -132,6 +132,24 @@ MUTANTS = [
            (('    conn.execute("SELECT set_config(\'lock_timeout\', %s, false)", [lock_timeout])\n',
              '    conn.execute("SELECT set_config(\'lock_timeout\', %s, false)", ["0"])\n'),),
            ("tests/test_lock_timeouts.py",)),
+    Mutant("bulk_switch_unlocked", "bulk mode's switch to dual write no longer holds off blue's writers",
+           "sql_templates/bulk_switch.sql.j2",
+           (("{% with lock_relations = [spec.blue], lock_mode = 'SHARE ROW EXCLUSIVE' %}{% include '_locks.sql.j2' %}"
+             "{% endwith %}\n", ""),),
+           ("tests/test_bulk.py", "-k", "switch_waits")),
+    Mutant("bulk_log_new_keys_only", "bulk mode's trigger logs only the new keys of an UPDATE (a re-keyed row's "
+           "old key is never re-read)",
+           "sql_templates/_sync.sql.j2",
+           (("         WHERE NOT EXISTS (SELECT FROM bgsync_new_rows AS n\n",
+             "         WHERE false AND NOT EXISTS (SELECT FROM bgsync_new_rows AS n\n"),),
+           ("tests/test_bulk.py", "-k", "read_again")),
+    Mutant("bulk_unique_before_drain", "bulk mode builds the unique indexes before the change log is drained",
+           "orchestrator/phases/backfill.py",
+           (("    if spec.bulk:\n        bulk.finish(conn, dsn, spec, settings.lock_timeout, settings.attempts)\n", ""),
+            ("                                           state_schema=spec.state_schema), spec)\n",
+             "                                           state_schema=spec.state_schema), spec)\n    if spec.bulk:\n"
+             "        bulk.finish(conn, dsn, spec, settings.lock_timeout, settings.attempts)\n")),
+           ("tests/test_bulk.py", "-k", "unique_index")),
 ]
 
 

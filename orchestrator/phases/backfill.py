@@ -28,11 +28,20 @@ from psycopg import sql
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from orchestrator import catalog, db, log, surroundings
-from orchestrator.catalog import INTEGER_TYPES, Session
+from orchestrator.catalog import Session
 from orchestrator.errors import DatabaseError, Interrupted
 from orchestrator.executor import Executor, Statement, Unit
-from orchestrator.journal import LOCK_CLASS, green_written_statement, phase_statement, session_pin_statement
+from orchestrator.journal import (
+    LOCK_CLASS,
+    green_written_statement,
+    journal_unit,
+    phase_statement,
+    session_pin_statement,
+)
+from orchestrator.names import QualifiedName
+from orchestrator.phases import bulk
 from orchestrator.phases.keys import keys_units
+from orchestrator.phases.operations import Holds, Metrics, ThrottleSql, replica_lag
 from orchestrator.plan import duration_seconds
 from orchestrator.render import render, render_steps
 from orchestrator.spec import MigrationSpec
@@ -52,6 +61,10 @@ class Settings:
     lock_timeout: str = "2s"     # for the short locks that add green's foreign keys
     attempts: int = 10
     held_partition_wait: str = "1min"   # a PostgreSQL duration: held partitions without progress, then give up
+    batch_time: str = "500ms"           # the time target of one batch
+    max_replica_lag: str | None = None  # hold while a standby lags more (or its lag is unknown)
+    throttle_sql: str | None = None     # hold while this query returns true
+    metrics_port: int | None = None     # serve Prometheus metrics here
 
 
 def _statement(template: str, **context: Any) -> Statement:
@@ -81,28 +94,13 @@ def sample_percent(rows: int) -> float:
 
 
 def bounds_statement(spec: MigrationSpec, rows: int) -> Statement:
-    return _statement("backfill_bounds.sql.j2", spec=spec, integer_key=spec.integer_key,
-                      sample_percent=sample_percent(rows))
-
-
-def integer_chunks(low: int, high: int, parts: int, rows: int, settings: Settings, type_name: str
-                   ) -> list[dict[str, Any]]:
-    """Equal key ranges; each batch steps through `step` key values (about batch_rows rows)."""
-    span = high - low + 1
-    parts = max(1, min(parts, span))
-    step = max(1, math.ceil(settings.batch_rows * span / max(rows, 1)))
-    type_min = -INTEGER_TYPES[type_name]
-    chunks = []
-    for i in range(parts):
-        start = low + span * i // parts
-        end = low + span * (i + 1) // parts - 1
-        chunks.append({"chunk_no": i, "lo": None if start == type_min else [str(start - 1)],
-                       "hi": [str(end)], "step": step})
-    return chunks
+    return _statement("backfill_bounds.sql.j2", spec=spec, sample_percent=sample_percent(rows))
 
 
 def sampled_chunks(keys: list[Key], parts: int) -> list[dict[str, Any]]:
-    """Boundaries at the quantiles of a sorted key sample: (None, b1], (b1, b2], ..., (bn, None]."""
+    """Boundaries at the quantiles of a sorted key sample: (None, b1], (b1, b2], ..., (bn, None]. The
+    partitions hold about as many rows each, for every key type and whatever the spread of its values
+    (a dense block plus sparse huge ids included); the batches inside them are cut by rows too."""
     bounds: list[Key] = []
     for i in range(1, parts):
         candidate = keys[len(keys) * i // parts] if keys else None
@@ -116,11 +114,6 @@ def plan_chunks(conn: Conn, executor: Executor, spec: MigrationSpec, settings: S
     rows = estimate_rows(conn, spec)
     parts = partition_count(settings, rows)
     result = executor.execute(conn, bounds_statement(spec, rows))
-    if spec.integer_key:
-        low, high = result[0]
-        if low is None:
-            return []
-        return integer_chunks(int(low), int(high), parts, rows, settings, spec.blue_key_types[0])
     return sampled_chunks([list(r) for r in result], parts)
 
 
@@ -161,30 +154,29 @@ def _with(statement: Statement, params: list[Any]) -> Statement:
     return Statement(statement.description, statement.sql, params)
 
 
-def next_range(conn: Conn, executor: Executor, sqls: BatchSql, spec: MigrationSpec, chunk: Chunk
+def next_range(conn: Conn, executor: Executor, sqls: BatchSql, chunk: Chunk, rows: int
                ) -> tuple[Key | None, Key | None, bool]:
-    """(lower exclusive, upper inclusive, chunk finished) of the chunk's next batch."""
+    """(lower exclusive, upper inclusive, chunk finished) of the chunk's next batch: `rows` rows on
+    from the cursor in key order (LIMIT over the key, not a key span), or the rest of the chunk."""
     lower = chunk.lower
-    if spec.integer_key:
-        assert chunk.hi is not None and chunk.step is not None
-        high = int(chunk.hi[0])
-        start = int(lower[0]) if lower is not None else -INTEGER_TYPES[spec.blue_key_types[0]] - 1
-        upper_key = min(start + int(chunk.step), high)
-        return lower, [str(upper_key)], upper_key >= high
     statement = sqls.get("next", lower is not None, chunk.hi is not None)
-    rows = executor.execute(conn, _with(statement, [*(lower or []), *(chunk.hi or [])]))
-    if rows:
-        upper = [str(v) for v in rows[0]]
+    found = executor.execute(conn, _with(statement, [*(lower or []), *(chunk.hi or []), max(rows, 1) - 1]))
+    if found:
+        upper = [str(v) for v in found[0]]
         return lower, upper, upper == chunk.hi
     return lower, chunk.hi, True
 
 
 def copy_batch(conn: Conn, executor: Executor, sqls: BatchSql, lower: Key | None, upper: Key | None
                ) -> tuple[Statement, int]:
-    """Copy (lower, upper]: a plain INSERT where green has nothing of the range yet, else one that
-    skips green's rows; a race with the trigger (unique_violation) reruns it ON CONFLICT DO NOTHING."""
+    """Copy (lower, upper]: in bulk mode a plain INSERT (the trigger writes only the change log); else a
+    plain INSERT where green has nothing of the range yet, or one that skips green's rows; a race with the
+    trigger (unique_violation) reruns it ON CONFLICT DO NOTHING."""
     has_lower, has_upper = lower is not None, upper is not None
     bounds = [*(lower or []), *(upper or [])]
+    if sqls.spec.bulk:
+        copy = sqls.get("copy", has_lower, has_upper, "bulk")
+        return copy, executor.execute_counted(conn, _with(copy, bounds))[1]
     [(touched,)] = executor.execute(conn, _with(sqls.get("probe", has_lower, has_upper), bounds))
     copy = sqls.get("copy", has_lower, has_upper, "antijoin" if touched else "plain")
     try:
@@ -196,23 +188,38 @@ def copy_batch(conn: Conn, executor: Executor, sqls: BatchSql, lower: Key | None
 
 
 # -- workers -------------------------------------------------------------------------------------
-class Throttle:
-    """A shared token bucket: each batch books rows/rate seconds of the timeline."""
+RATE_SLICE = 0.1    # seconds: with a rate limit, a batch books at most this much of the global timeline
 
-    def __init__(self, rate: float, stop: threading.Event) -> None:
-        self.rate, self.stop = rate, stop
-        self.lock = threading.Lock()
-        self.booked_until = time.monotonic()
 
-    def consume(self, rows: int) -> None:
-        if self.rate <= 0 or rows <= 0:
-            return
-        with self.lock:
-            now = time.monotonic()
-            self.booked_until = max(now, self.booked_until) + rows / self.rate
-            wait = self.booked_until - now - 1.0  # one second of burst
-        if wait > 0:
-            self.stop.wait(wait)
+@dataclass
+class BatchSize:
+    """Rows of a worker's next batch: `batch_rows` to start with, then resized after each batch so that
+    it takes about `target` seconds (at most halved or doubled at a time), never above twice
+    `batch_rows`, and with a global rate limit never more rows than RATE_SLICE seconds of it."""
+
+    start: int
+    target: float
+    rate: float
+    rows: int = 0
+
+    def __post_init__(self) -> None:
+        self.rows = self.start
+
+    @property
+    def ceiling(self) -> int:
+        ceiling = 2 * self.start
+        if self.rate > 0:
+            ceiling = min(ceiling, max(1, int(self.rate * RATE_SLICE)))
+        return ceiling
+
+    def next(self) -> int:
+        return max(1, min(self.rows, self.ceiling))
+
+    def measured(self, rows: int, seconds: float) -> None:
+        if rows < self.next() // 2 or seconds <= 0:
+            return        # a partition's short tail says nothing about the speed
+        factor = min(2.0, max(0.5, self.target / seconds))
+        self.rows = max(1, min(self.ceiling, int(self.next() * factor)))
 
 
 @dataclass
@@ -221,9 +228,10 @@ class Shared:
     settings: Settings
     dsn: str
     stop: threading.Event
-    throttle: Throttle
     progress: Progress | None
     task: Any
+    holds: Holds
+    metrics: Metrics | None = None
     errors: list[BaseException] = field(default_factory=list)
     copied: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -250,8 +258,12 @@ class _NothingFree(Exception):
         self.unfinished = unfinished
 
 
+class _Paused(Exception):
+    """The pause flag was set while the batch ran: its transaction rolls back."""
+
+
 def worker(shared: Shared, number: int) -> None:
-    spec = shared.spec
+    spec, settings = shared.spec, shared.settings
     try:
         conn = db.connect(shared.dsn, f"backfill {spec.name} worker {number}")
     except BaseException as error:
@@ -259,11 +271,14 @@ def worker(shared: Shared, number: int) -> None:
         shared.stop.set()
         return
     executor = Executor(conn, dry_run=False, migration=spec.name, state_schema=spec.state_schema)
-    sqls = BatchSql(spec, shared.settings.batch_rows)
+    sqls = BatchSql(spec, settings.batch_rows)
     claim = _statement("backfill_claim.sql.j2", spec=spec)
     status = _statement("backfill_status.sql.j2", spec=spec)
     progress = _statement("backfill_progress.sql.j2", spec=spec)
+    paused = _statement("backfill_paused.sql.j2", spec=spec)
+    reserve = _statement("backfill_reserve.sql.j2", spec=spec)
     event = render("journal_event.sql.j2", schema=spec.state_schema)
+    size = BatchSize(settings.batch_rows, duration_seconds(settings.batch_time), settings.max_rows_per_second)
     retries = 0
     try:
         for statement in [*session_statements(), session_pin_statement(spec)]:
@@ -272,13 +287,23 @@ def worker(shared: Shared, number: int) -> None:
         with shared.lock:
             shared.backends.add(conn.info.backend_pid)
         while not shared.stop.is_set():
+            if shared.holds.reason is not None:
+                shared.stop.wait(0.05)         # held: the coordinator heartbeats and journals why
+                continue
+            rows = size.next()
+            if settings.max_rows_per_second > 0:
+                seconds = rows / settings.max_rows_per_second
+                [(wait,)] = executor.execute(conn, _with(reserve, [seconds, seconds, seconds]))
+                conn.commit()
+                if wait > 0 and shared.stop.wait(float(wait)):
+                    break
             try:
                 with conn.transaction():
                     claimed = executor.execute(conn, claim)
                     if not claimed:
                         raise _NothingFree(int(executor.execute(conn, status)[0][0]))
                     chunk = Chunk(*claimed[0])
-                    lower, upper, finished = next_range(conn, executor, sqls, spec, chunk)
+                    lower, upper, finished = next_range(conn, executor, sqls, chunk, rows)
                     started = time.perf_counter()
                     copy, inserted = copy_batch(conn, executor, sqls, lower, upper)
                     elapsed = time.perf_counter() - started
@@ -286,8 +311,13 @@ def worker(shared: Shared, number: int) -> None:
                     conn.execute(event, [spec.name, "backfill", copy.description, copy.sql,
                                          round(elapsed * 1000, 3), "ok",
                                          json.dumps({"chunk": chunk.chunk_no, "lower": lower, "upper": upper,
-                                                     "rows": inserted, "worker": number})])
+                                                     "rows": inserted, "worker": number, "target": rows})])
+                    if executor.execute(conn, paused)[0][0]:
+                        raise _Paused
                 retries = 0
+            except _Paused:
+                shared.stop.wait(0.05)
+                continue
             except _NothingFree as nothing:
                 if nothing.unfinished == 0:
                     return
@@ -304,11 +334,14 @@ def worker(shared: Shared, number: int) -> None:
                 shared.stop.wait(min(2.0, 0.05 * 2**retries))
                 continue
             shared.wait_for_held(number, False)
+            size.measured(inserted, elapsed)
             with shared.lock:
                 shared.copied += inserted
             if shared.progress is not None:
                 shared.progress.advance(shared.task, inserted)
-            shared.throttle.consume(inserted)
+            if shared.metrics is not None:
+                shared.metrics.rows.inc(inserted)
+                shared.metrics.batch.observe(elapsed)
     except BaseException as error:
         shared.errors.append(error)
         shared.stop.set()
@@ -398,8 +431,17 @@ def _progress() -> Progress:
 # -- the phase -----------------------------------------------------------------------------------
 def run(conn: Conn, dsn: str, spec: MigrationSpec, settings: Settings) -> None:
     executor = Executor(conn, dry_run=False, migration=spec.name, state_schema=spec.state_schema)
+    holds = Holds(spec, replica=replica_lag(spec, settings.max_replica_lag),
+                  throttle=None if settings.throttle_sql is None else ThrottleSql(settings.throttle_sql))
+    if holds.throttle is not None:
+        holds.throttle.validate(conn)      # before anything is written: a bad query is a usage error
+    metrics = None if settings.metrics_port is None else Metrics(settings.metrics_port, spec.name)
     chunks_statement = _statement("backfill_chunks.sql.j2", spec=spec)
     status = _statement("backfill_status.sql.j2", spec=spec)
+    if not catalog.relation_exists(conn, QualifiedName(spec.state_schema, "runs")):
+        conn.rollback()
+        executor.run(journal_unit(spec.state_schema))    # a journal from before pause, heartbeats and rate limits
+    conn.rollback()
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", [LOCK_CLASS, spec.name + ":chunks"])
         remaining, total_chunks, copied_before = executor.execute(conn, status)[0]
@@ -413,46 +455,71 @@ def run(conn: Conn, dsn: str, spec: MigrationSpec, settings: Settings) -> None:
                      f"{copied_before:,} rows already copied")
     estimate = estimate_rows(conn, spec)
     conn.commit()
-
     stop = threading.Event()
     progress = _progress()
-    shared = Shared(spec=spec, settings=settings, dsn=dsn, stop=stop,
-                    throttle=Throttle(settings.max_rows_per_second, stop), progress=progress,
-                    task=progress.add_task("backfill", total=max(estimate, int(copied_before)),
-                                           completed=int(copied_before), rate=""))
+    shared = Shared(spec=spec, settings=settings, dsn=dsn, stop=stop, progress=progress, holds=holds,
+                    metrics=metrics, task=progress.add_task("backfill", total=max(estimate, int(copied_before)),
+                                                            completed=int(copied_before), rate=""))
     threads = [threading.Thread(target=worker, args=(shared, i), name=f"bgsync-backfill-{i}", daemon=True)
                for i in range(settings.workers)]
     started = time.monotonic()
     interrupted = False
     held = HeldPartitions(spec, settings.held_partition_wait)
     gave_up: str | None = None
-    with _sigterm_as_interrupt(), progress:
-        for thread in threads:
-            thread.start()
-        try:
-            while any(t.is_alive() for t in threads):
+    held_reported = 0.0
+    try:
+        with _sigterm_as_interrupt(), progress:
+            try:
+                holds.start(conn, executor)
+                holds.tick(conn, executor, 0)     # a pause or a hold already on: no worker starts a batch
                 for thread in threads:
-                    thread.join(timeout=0.25)
-                elapsed = max(time.monotonic() - started, 1e-6)
-                # the total is an estimate (reltuples): never let the bar run past it
-                done = int(copied_before) + shared.copied
-                total = max(progress.tasks[0].total or 0, done)
-                progress.update(shared.task, total=total, rate=f"{shared.copied / elapsed:,.0f} rows/s")
-                gave_up = held.check(conn, executor, shared, [i for i, t in enumerate(threads) if t.is_alive()])
-                if gave_up is not None:
-                    stop.set()
+                    thread.start()
+                while any(t.is_alive() for t in threads):
                     for thread in threads:
-                        thread.join()
-        except KeyboardInterrupt:
-            interrupted = True
-            stop.set()
-            log.warn("interrupt: stopping after the current batches")
-            for thread in threads:
-                thread.join()
-        if not shared.errors and not interrupted and gave_up is None:
-            # finished: the real total replaces the estimate, so the bar ends exactly full
-            done = int(copied_before) + shared.copied
-            progress.update(shared.task, total=done, completed=done)
+                        thread.join(timeout=0.25 / len(threads))
+                    elapsed = max(time.monotonic() - started, 1e-6)
+                    # the total is an estimate (reltuples): never let the bar run past it
+                    done = int(copied_before) + shared.copied
+                    total = max(progress.tasks[0].total or 0, done)
+                    rate = shared.copied / elapsed
+                    reason = holds.tick(conn, executor, shared.copied)
+                    progress.update(shared.task, total=total,
+                                    rate=f"held: {reason}" if reason else f"{rate:,.0f} rows/s")
+                    if metrics is not None:
+                        metrics.rows_total.set(done)
+                        metrics.rate.set(rate)
+                        metrics.eta.set(float("nan") if reason or rate <= 0 else max(0.0, total - done) / rate)
+                        metrics.held.set(1 if reason else 0)
+                        now_held = holds.held_now()
+                        metrics.held_seconds.inc(max(0.0, now_held - held_reported))
+                        held_reported = max(held_reported, now_held)
+                    gave_up = held.check(conn, executor, shared, [i for i, t in enumerate(threads) if t.is_alive()])
+                    if gave_up is not None:
+                        stop.set()
+                        for thread in threads:
+                            thread.join()
+            except KeyboardInterrupt:
+                interrupted = True
+                stop.set()
+                log.warn("interrupt: stopping after the current batches")
+                for thread in threads:
+                    thread.join()
+            except psycopg.Error as failure:
+                # the coordinator's own session failed (a server restart, a terminated backend): stop the
+                # workers after their current batches and report it like a worker's failure
+                shared.errors.insert(0, failure)
+                stop.set()
+                for thread in threads:
+                    thread.join()
+            if not shared.errors and not interrupted and gave_up is None:
+                # finished: the real total replaces the estimate, so the bar ends exactly full
+                done = int(copied_before) + shared.copied
+                progress.update(shared.task, total=done, completed=done)
+    finally:
+        stop.set()
+        holds.end(conn, executor, shared.copied)
+        if metrics is not None:
+            metrics.close()
     if shared.errors:
         error = shared.errors[0]
         message = error.diag.message_primary if isinstance(error, psycopg.Error) and error.diag.message_primary \
@@ -470,6 +537,8 @@ def run(conn: Conn, dsn: str, spec: MigrationSpec, settings: Settings) -> None:
     conn.commit()
     if remaining:
         raise DatabaseError(f"backfill {spec.name}: {remaining} partition(s) left; rerun to resume")
+    if spec.bulk:
+        bulk.finish(conn, dsn, spec, settings.lock_timeout, settings.attempts)
     with db.connect(dsn, f"backfill {spec.name} indexes", lock_timeout="0") as index_conn:
         # CONCURRENTLY waits for older transactions; those waits block no writer, so no timeout here.
         build_indexes(index_conn, Executor(index_conn, dry_run=False, migration=spec.name,
@@ -480,7 +549,8 @@ def run(conn: Conn, dsn: str, spec: MigrationSpec, settings: Settings) -> None:
                       [phase_statement(spec, "backfilled"), green_written_statement(spec)], phase="backfill"))
     elapsed = time.monotonic() - started
     log.success(f"backfilled {spec.name}: {copied_total:,} rows in green; this run copied {shared.copied:,} rows "
-                f"in {elapsed:.1f}s ({shared.copied / max(elapsed, 1e-6):,.0f} rows/s)")
+                f"in {elapsed:.1f}s ({shared.copied / max(elapsed, 1e-6):,.0f} rows/s)"
+                + (f", {holds.held_seconds:.1f}s of it held" if holds.held_seconds >= 0.05 else ""))
 
 
 def finish_units(conn: Conn, spec: MigrationSpec, settings: Settings) -> list[Unit]:
@@ -502,15 +572,13 @@ def finish_units(conn: Conn, spec: MigrationSpec, settings: Settings) -> list[Un
 
 
 def index_units(conn: Conn | None, spec: MigrationSpec) -> list[Unit]:
-    """CREATE INDEX CONCURRENTLY for the deferred indexes still missing; invalid leftovers dropped first."""
+    """CREATE INDEX CONCURRENTLY for the deferred indexes still missing (in bulk mode the unique ones);
+    invalid leftovers dropped first."""
     if not spec.indexes:
         return []
-    existing: dict[str, bool] = {}
-    if conn is not None:
-        existing = {r[0]: r[1] for r in conn.execute(
-            """SELECT c.relname, i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
-                WHERE i.indrelid = to_regclass(%s)""", [str(spec.green)])}
-    todo = [ix for ix in spec.indexes if not existing.get(ix.name, False)]
+    existing = {} if conn is None else catalog.index_validity(conn, str(spec.green))
+    # bulk mode built the non-unique ones plainly before the switch; unique ones need every row current
+    todo = [ix for ix in spec.indexes if not existing.get(ix.name, False) and (ix.unique or not spec.bulk)]
     invalid = {name for name, valid in existing.items() if not valid}
     steps = render_steps("backfill_indexes.sql.j2", spec=spec, indexes=todo, invalid=invalid)
     if not steps:
@@ -555,19 +623,38 @@ def print_plan(conn: Conn, spec: MigrationSpec, settings: Settings) -> None:
                      atomic=False))
     printer.run(Unit(f"backfill {spec.name}: plan about {partition_count(settings, rows)} partitions "
                      f"({settings.workers} workers, {settings.batch_rows} rows per batch)", plan_unit))
-    batch = [_statement("backfill_claim.sql.j2", spec=spec)]
-    if not spec.integer_key:
-        batch.append(_with(sqls.get("next", True, True), ["<cursor>", "<partition hi>"]))
+    holds = Holds(spec)
+    printer.run(Unit("this process registers, then every 0.25 s heartbeats and reads the pause flag (while paused, "
+                     "or while a hold below applies, no worker starts a batch)",
+                     [holds.statement("start", ["<host and pid>"]),
+                      holds.statement("heartbeat", ["<what holds it>", "<seconds held>", "<rows copied>", "<run>"])],
+                     atomic=False))
+    printer.run(Unit("with --max-replica-lag, every 0.25 s: hold while a standby lags more, or is gone, or its lag "
+                     "cannot be read", [_statement("backfill_replicas.sql.j2", spec=spec)], atomic=False))
+    seconds = "<batch rows / max_rows_per_second>"
+    printer.run(Unit("with a rate limit (max_rows_per_second), before each batch: book it on the global timeline",
+                     [_with(_statement("backfill_reserve.sql.j2", spec=spec), [seconds] * 3)]))
+    batch = [_statement("backfill_claim.sql.j2", spec=spec),
+             _with(sqls.get("next", True, True), ["<cursor>", "<partition hi>", "<batch rows - 1>"])]
     bounds = ["<batch lower (exclusive)>", "<batch upper (inclusive)>"]
+    if spec.bulk:
+        batch.append(_with(sqls.get("copy", True, True, "bulk"), bounds))
+    else:
+        batch += [
+            _with(sqls.get("probe", True, True), bounds),
+            _with(sqls.get("copy", True, True, "plain"), bounds),
+            _with(sqls.get("copy", True, True, "antijoin"), bounds),
+            _with(sqls.get("copy", True, True, "on_conflict"), bounds),
+        ]
     batch += [
-        _with(sqls.get("probe", True, True), bounds),
-        _with(sqls.get("copy", True, True, "plain"), bounds),
-        _with(sqls.get("copy", True, True, "antijoin"), bounds),
-        _with(sqls.get("copy", True, True, "on_conflict"), bounds),
         _with(_statement("backfill_progress.sql.j2", spec=spec),
               ["<batch upper>", "<partition done>", "<rows inserted>", "<partition done>", "<partition>"]),
+        _statement("backfill_paused.sql.j2", spec=spec),
     ]
     printer.run(Unit("each batch, repeated by every worker until no partition is left", batch))
+    if spec.bulk:
+        for unit in bulk.print_units(conn, spec, settings.lock_timeout, settings.attempts):
+            printer.run(unit)
     for unit in index_units(conn, spec):
         printer.run(unit)
     printer.run(Unit(f"backfill {spec.name} complete", [phase_statement(spec, "backfilled"),

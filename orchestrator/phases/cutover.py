@@ -398,3 +398,43 @@ def cutover_units(conn: Conn, spec: MigrationSpec, mode: str, lock_timeout: str,
 
 def server_version(conn: Conn) -> int:
     return int(conn.info.server_version)
+
+
+@dataclass
+class BlockerCanceller:
+    """`cutover --cancel-blockers`: after a lock attempt failed, the sessions whose transactions hold a lock
+    on blue or green and have been open longer than lock_timeout (the ones that kept the flip from its
+    lock; short transactions come and go and are left alone) are cancelled with pg_cancel_backend, or, when
+    idle in transaction (a cancel does not reach them), terminated with pg_terminate_backend. Each one is
+    named on stderr and in the journal (outcome 'cancelled')."""
+
+    conn: Conn
+    spec: MigrationSpec
+    lock_timeout: str
+    cancelled: list[str] = field(default_factory=list)
+
+    def cancel(self, unit: Any) -> None:
+        from orchestrator import log
+        from orchestrator.render import render
+
+        [(_d, text)] = render_steps("cutover_blockers.sql.j2")
+        try:
+            if self.conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                self.conn.rollback()
+            rows = self.conn.execute(text, [self.lock_timeout,
+                                            [str(self.spec.blue), str(self.spec.green)]]).fetchall()
+            for pid, user, application, state, age, query, how, done in rows:
+                who = (f"pid {pid} (user {user}, application {application or '-'}, {state}, transaction open "
+                       f"{age:.1f}s, last query: {' '.join((query or '').split())[:120]})")
+                outcome = f"{'terminated' if how == 'terminate' else 'cancelled'}" if done else \
+                    f"could not be {'terminated' if how == 'terminate' else 'cancelled'} (privileges?)"
+                message = f"blocker of the cutover lock {outcome}: {who}"
+                log.warn(f"cutover {self.spec.name}: {message}")
+                self.cancelled.append(message)
+                self.conn.execute(render("journal_event.sql.j2", schema=self.spec.state_schema),
+                                  [self.spec.name, "cutover", "cancel blockers", None, None, "cancelled", message])
+            self.conn.commit()
+        except psycopg.Error as error:
+            log.warn(f"cutover {self.spec.name}: could not cancel the blockers: {error}")
+            if not self.conn.closed:
+                self.conn.rollback()

@@ -24,7 +24,8 @@ def prepare_units(plan: Plan, spec: MigrationSpec, current_user: str, plan_text:
     statements = list(journal_unit(spec.state_schema).statements)
     statements += [Statement(d, s) for d, s in render_steps(
         "prepare.sql.j2", spec=spec, current_user=current_user, sync=forward_sync(spec), title="forward sync",
-        sequence_grantees=sequence_grantees, props=properties or TableProperties(), green_of=green_of(spec))]
+        sequence_grantees=sequence_grantees, props=properties or TableProperties(), green_of=green_of(spec),
+        sync_log=spec.log_table if spec.bulk else None)]
     statements += [Statement(d, s + "\nRETURNING name",
                              expect_rows=f"migration {spec.name} is already registered and active; see `bgsync status`")
                    for d, s in render_steps(

@@ -6,10 +6,12 @@ from datetime import datetime
 from typing import Any
 
 import psycopg
+from psycopg import sql
 
 from orchestrator import catalog
 from orchestrator.journal import get_migration, journal_exists
 from orchestrator.names import QualifiedName, quote_ident
+from orchestrator.render import render_steps
 from orchestrator.spec import MigrationSpec, forward_sync, reverse_sync
 
 Conn = psycopg.Connection[Any]
@@ -39,6 +41,21 @@ def expected_objects(spec: MigrationSpec, phase: str, mode: str, window: bool = 
     return {}, []
 
 
+def backfill_state(conn: Conn, schema: str, name: str) -> dict[str, Any]:
+    """Paused flag and the live backfill processes (fresh heartbeat, session alive) of a migration."""
+    if not catalog.relation_exists(conn, QualifiedName(schema, "runs")):
+        return {"paused": False, "paused_at": None, "processes": 0, "holding": 0, "heartbeat_age_seconds": None,
+                "held": [], "held_seconds": 0.0}
+    [(_description, text)] = render_steps("status_backfill.sql.j2", schema=schema)
+    row = conn.execute(text, {"name": name}).fetchone()
+    assert row is not None
+    paused_at, processes, holding, age, held, held_seconds = row
+    return {"paused": paused_at is not None, "paused_at": None if paused_at is None else paused_at.isoformat(),
+            "processes": int(processes), "holding": int(holding),
+            "heartbeat_age_seconds": None if age is None else round(float(age), 1), "held": list(held),
+            "held_seconds": round(float(held_seconds), 1)}
+
+
 def migration_status(conn: Conn, schema: str, name: str) -> dict[str, Any]:
     row = get_migration(conn, schema, name)
     assert row is not None
@@ -57,8 +74,15 @@ def migration_status(conn: Conn, schema: str, name: str) -> dict[str, Any]:
                                 [str(spec.blue)]).fetchone()
     estimate = max(int(estimate_row[0]), copied) if estimate_row and estimate_row[0] and estimate_row[0] > 0 \
         else copied
+    live = backfill_state(conn, schema, name)
+    unfinished = total > done or row.phase == "backfilling"
+    # running: a live process heartbeats; paused: the flag is set; interrupted: work left and nobody at it
+    state = ("paused" if live["paused"] else "running" if live["processes"] else
+             "interrupted" if unfinished and total else None)
     rate = float(copied) / float(seconds) if seconds and float(seconds) > 0 else None
     eta = (estimate - copied) / rate if rate and done < total else (0.0 if total and done == total else None)
+    if unfinished and (state != "running" or live["held"]):
+        rate = eta = None        # nothing copies now: no rate, no ETA as if it did
     rolled_back_at = last_rollback(conn, schema, name)
     verify = last_verify(conn, schema, name, since=rolled_back_at)
     before_rollback = None if rolled_back_at is None else last_verify(conn, schema, name, before=rolled_back_at)
@@ -77,9 +101,16 @@ def migration_status(conn: Conn, schema: str, name: str) -> dict[str, Any]:
     for table in tables_expected:
         if catalog.regclass_oid(conn, table) is None:
             drift.append(f"table {table} is missing")
+    change_log = None
+    if spec.bulk and catalog.regclass_oid(conn, str(spec.log_table)) is not None:
+        counted = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(spec.log_table.ident())).fetchone()
+        change_log = int(counted[0]) if counted else 0
     return {
         "name": name,
         "phase": row.phase,
+        "backfill_mode": "bulk" if spec.bulk else "direct",
+        # bulk mode until the switch: keys recorded and not yet re-read from blue (None: dual write)
+        "change_log_keys": change_log,
         "source": spec.blue.display(),
         "target": spec.green.display(),
         "retired": spec.retired.display(),
@@ -89,6 +120,8 @@ def migration_status(conn: Conn, schema: str, name: str) -> dict[str, Any]:
             "partitions": total, "partitions_done": done, "rows_copied": copied, "rows_estimate": estimate,
             "rows_per_second": None if rate is None else round(rate, 1),
             "eta_seconds": None if eta is None else round(eta, 1),
+            "state": state, "processes": live["processes"], "heartbeat_age_seconds": live["heartbeat_age_seconds"],
+            "held": live["held"], "held_seconds": live["held_seconds"], "paused_at": live["paused_at"],
         },
         "verify": verify,
         "verify_before_rollback": before_rollback,

@@ -426,7 +426,7 @@ def sync_rehearsal(spec: MigrationSpec, blue: TableInfo, properties: TableProper
         forward_function=QualifiedName("pg_temp", "bgsync_rehearse_forward"), grants=[],
         columns=[dataclasses.replace(c, sequence=None, blue_sequence=None,
                                      default=None if c.sequence else c.default) for c in spec.columns],
-        triggers={op: f"bgsync_rehearse_fwd_{op}" for op in ("ins", "upd", "del", "trunc")})
+        triggers={op: f"bgsync_rehearse_fwd_{op}" for op in ("ins", "upd", "del", "trunc")}, bulk=False)
     writable = [c.name for c in blue.columns if not c.generated]
     blue_sql, tb, tg = blue.name.ident().as_string(None), temp_blue.ident().as_string(None), \
         temp_green.ident().as_string(None)

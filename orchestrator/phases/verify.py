@@ -163,17 +163,36 @@ def _bounds(r: Range) -> list[str]:
     return [*(r.lo or []), *(r.hi or [])]
 
 
+class SnapshotTooOld(Exception):
+    """The piece's transaction would outlive verify.max_snapshot_age: it rolls back and is split."""
+
+
 @dataclass
 class Checker:
-    """Compares ranges inside one REPEATABLE READ transaction (one snapshot)."""
+    """Compares ranges inside one REPEATABLE READ transaction (one snapshot). With a deadline, each
+    statement runs under a statement_timeout that ends it before the snapshot reaches its bound."""
 
     conn: Conn
     executor: Executor
     queries: Queries
+    deadline: float | None = None      # time.monotonic() by which the transaction must have ended
+
+    def run(self, statement: Statement) -> list[tuple[Any, ...]]:
+        if self.deadline is not None:
+            left = self.deadline - time.monotonic()
+            if left <= 0.001:
+                raise SnapshotTooOld
+            self.conn.execute("SELECT set_config('statement_timeout', %s, true)", [f"{int(left * 1000)}ms"])
+        try:
+            return self.executor.execute(self.conn, statement)
+        except psycopg.errors.QueryCanceled as error:
+            if self.deadline is not None and "statement timeout" in (error.diag.message_primary or ""):
+                raise SnapshotTooOld from None
+            raise
 
     def aggregate(self, side: str, r: Range) -> tuple[int, int]:
         statement = self.queries.get("aggregate", side, r.lo is not None, r.hi is not None)
-        count, checksum = self.executor.execute(self.conn, _with(statement, _bounds(r)))[0]
+        count, checksum = self.run(_with(statement, _bounds(r)))[0]
         return int(count), int(checksum)
 
     def compare(self, r: Range, report: Report, lock: threading.Lock) -> tuple[int, int]:
@@ -192,7 +211,7 @@ class Checker:
             return
         side, count = ("blue", blue[0]) if blue[0] >= green[0] else ("green", green[0])
         split = self.queries.get("split", side, r.lo is not None, r.hi is not None)
-        rows = self.executor.execute(self.conn, _with(split, [*_bounds(r), count // 2]))
+        rows = self.run(_with(split, [*_bounds(r), count // 2]))
         middle = [str(v) for v in rows[0]] if rows else None
         if middle is None or middle in (r.lo, r.hi):
             self.diff_rows(r, report, lock)
@@ -204,7 +223,7 @@ class Checker:
 
     def rows(self, side: str, r: Range) -> dict[tuple[str, ...], list[str | None]]:
         statement = self.queries.get("rows", side, r.lo is not None, r.hi is not None)
-        return {tuple(k): list(v) for k, v in self.executor.execute(self.conn, _with(statement, _bounds(r)))}
+        return {tuple(k): list(v) for k, v in self.run(_with(statement, _bounds(r)))}
 
     def diff_rows(self, r: Range, report: Report, lock: threading.Lock) -> None:
         blue, green = self.rows("blue", r), self.rows("green", r)
@@ -281,8 +300,77 @@ def wait_for_older_snapshots(conn: Conn, spec: MigrationSpec, bound_seconds: flo
         time.sleep(0.25)
 
 
+PIECE_ROWS = 50_000    # rows of a partition's first piece; later pieces are sized to a third of the bound
+
+
+@dataclass
+class Pieces:
+    """A partition is compared piece by piece, each in its own REPEATABLE READ transaction, so that no
+    snapshot lives longer than `max_snapshot_age` (verify does not hold back vacuum on a busy table).
+    A piece is `rows` keys of blue on from the last one (read in a short transaction of its own); its
+    size adapts so that a piece takes about a third of the bound, and a piece that would run over is
+    cancelled (statement_timeout at the bound), rolled back and compared again in quarters. Pieces tile
+    the partition, so every key of blue and of green in it is compared exactly once."""
+
+    spec: MigrationSpec
+    bound: float
+    rows: int = PIECE_ROWS
+
+    def shrink(self) -> None:
+        """A piece (or the read of its bounds) ran into the bound: a quarter of it next time."""
+        if self.rows == 1:
+            raise DatabaseError(f"verify {self.spec.name}: one row cannot be compared within "
+                                f"verify.max_snapshot_age ({self.bound:g}s); raise it")
+        self.rows = max(1, self.rows // 4)
+
+    def compare(self, conn: Conn, checker: Checker, partition: Range, report: Report, lock: threading.Lock
+                ) -> tuple[int, int]:
+        sqls = BatchSql(self.spec, 1)
+        lower, blue, green = partition.lo, 0, 0
+        while True:
+            statement = sqls.get("next", lower is not None, partition.hi is not None)
+            checker.deadline = time.monotonic() + self.bound      # this read's snapshot is bounded too
+            try:
+                with conn.transaction():
+                    found = checker.run(_with(statement, [*(lower or []), *(partition.hi or []), self.rows - 1]))
+            except SnapshotTooOld:
+                self.shrink()
+                continue
+            finally:
+                checker.deadline = None
+            upper = [str(v) for v in found[0]] if found else partition.hi
+            piece = Range(lower, upper)
+            own = Report(migration=report.migration)
+            started = time.monotonic()
+            checker.deadline = started + self.bound
+            try:
+                with conn.transaction():
+                    conn.execute("SET TRANSACTION READ ONLY")
+                    nb, ng = checker.compare(piece, own, threading.Lock())
+            except SnapshotTooOld:
+                self.shrink()
+                continue
+            finally:
+                checker.deadline = None
+            elapsed = time.monotonic() - started
+            if nb >= self.rows // 2:
+                factor = min(4.0, max(0.25, (self.bound / 3) / max(elapsed, 1e-3)))
+                self.rows = max(1, int(self.rows * factor))
+            blue, green = blue + nb, green + ng
+            if not own.passed:
+                with lock:
+                    report.passed = False
+                    report.mismatched_rows += own.mismatched_rows
+                    room = MAX_REPORTED - len(report.mismatches)
+                    report.mismatches.extend(own.mismatches[:max(room, 0)])
+                    report.ranges.extend(own.ranges)
+            if not found or upper == partition.hi:
+                return blue, green
+            lower = upper
+
+
 def run(conn: Conn, dsn: str, spec: MigrationSpec, workers: int, *, record: bool = True,
-        snapshot_wait: float = 600.0) -> Report:
+        snapshot_wait: float = 600.0, max_snapshot_age: float = 30.0) -> Report:
     """Compare every partition with `workers` connections; record the result in the journal."""
     started_at = datetime.now(UTC)
     started = time.perf_counter()
@@ -310,14 +398,13 @@ def run(conn: Conn, dsn: str, spec: MigrationSpec, workers: int, *, record: bool
                 wexec.execute(wconn, session_pin_statement(spec))
                 wconn.commit()
                 wconn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+                pieces = Pieces(spec, max_snapshot_age)
                 while not errors:
                     try:
                         r = todo.get_nowait()
                     except queue.Empty:
                         return
-                    with wconn.transaction():
-                        wconn.execute("SET TRANSACTION READ ONLY")
-                        nb, ng = checker.compare(r, report, lock)
+                    nb, ng = pieces.compare(wconn, checker, r, report, lock)
                     with lock:
                         report.rows_blue += nb
                         report.rows_green += ng
@@ -378,8 +465,13 @@ def print_plan(conn: Conn, spec: MigrationSpec) -> None:
     printer = Executor(None, dry_run=True, migration=spec.name, state_schema=spec.state_schema)
     projection = Projection(conn, spec)
     queries = Queries(spec, projection)
-    bounds = ["<partition lo (exclusive)>", "<partition hi (inclusive)>"]
-    printer.run(Unit("each partition, in one REPEATABLE READ READ ONLY transaction per partition", [
+    bounds = ["<piece lower (exclusive)>", "<piece upper (inclusive)>"]
+    printer.run(Unit("each partition piece by piece: the next piece's upper key (the piece size adapts to a third "
+                     "of verify.max_snapshot_age)", [
+                         _with(BatchSql(spec, 1).get("next", True, True),
+                               ["<piece lower>", "<partition hi>", "<piece rows - 1>"])]))
+    printer.run(Unit("each piece, in one REPEATABLE READ READ ONLY transaction whose statements run under a "
+                     "statement_timeout that ends it before verify.max_snapshot_age (then the piece is split)", [
         _with(queries.get("aggregate", "blue", True, True), bounds),
         _with(queries.get("aggregate", "green", True, True), bounds)]))
     printer.run(Unit("a mismatched range: bisect, then compare its rows (same transaction)", [
