@@ -154,6 +154,9 @@ class SyncSpec:
     two_way: bool = False            # the window of `expose`: both directions on, loop-guarded
     direction: str = "forward"
     other: str = "reverse"
+    # in the window, the other direction's mapping (source column, SQL expression over a target row): a
+    # mirrored row is mapped back and written to the source where a trigger of the target changed it
+    back_columns: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def target_columns(self) -> list[str]:
@@ -163,15 +166,19 @@ class SyncSpec:
     def update_columns(self) -> list[str]:
         return [name for name, _ in self.columns if name not in self.target_key]
 
+    @property
+    def back_update_columns(self) -> list[str]:
+        return [name for name, _ in self.back_columns if name not in self.source_key]
+
 
 def forward_sync(spec: MigrationSpec, *, source: QualifiedName | None = None, target: QualifiedName | None = None,
                  two_way: bool = False) -> SyncSpec:
     """blue -> green, from prepare until cutover (and again after a rollback of the cutover); in the
     window of `expose` also after cutover, from the retired blue (`source`) to the live table (`target`)."""
     return SyncSpec(function=spec.forward_function, source=source or spec.blue, target=target or spec.green,
-                    columns=[(c.name, c.source_expr) for c in spec.written_columns if c.source_expr is not None],
-                    target_key=spec.green_key, source_key=spec.blue_key, triggers=spec.triggers,
-                    search_path=spec.search_path, settings=spec.settings, two_way=two_way)
+                    columns=_forward_columns(spec), target_key=spec.green_key, source_key=spec.blue_key,
+                    triggers=spec.triggers, search_path=spec.search_path, settings=spec.settings, two_way=two_way,
+                    back_columns=_reverse_columns(spec) if two_way else [])
 
 
 def reverse_sync(spec: MigrationSpec, live: QualifiedName, *, target: QualifiedName | None = None,
@@ -179,14 +186,23 @@ def reverse_sync(spec: MigrationSpec, live: QualifiedName, *, target: QualifiedN
     """green (under its live name) -> retired blue, from cutover until finalize; in the window of
     `expose` also before cutover, into blue under its own name (`target`)."""
     return SyncSpec(function=QualifiedName(spec.state_schema, f"{spec.name}_reverse"), source=live,
-                    target=target or spec.retired,
-                    columns=[(c.reverse_column, c.reverse_expr) for c in spec.columns
-                             if c.reverse_column is not None and c.reverse_expr is not None
-                             and c.reverse_column not in spec.blue_generated],
+                    target=target or spec.retired, columns=_reverse_columns(spec),
                     target_key=spec.blue_key, source_key=spec.green_key,
                     triggers={op: f"bgsync_{spec.name}_rev_{op}" for op in ("ins", "upd", "del", "trunc")},
                     search_path=spec.search_path, settings=spec.settings, two_way=two_way,
-                    direction="reverse", other="forward")
+                    direction="reverse", other="forward", back_columns=_forward_columns(spec) if two_way else [])
+
+
+def _forward_columns(spec: MigrationSpec) -> list[tuple[str, str]]:
+    """(green column, SQL expression over a blue row) for every green column the sync writes."""
+    return [(c.name, c.source_expr) for c in spec.written_columns if c.source_expr is not None]
+
+
+def _reverse_columns(spec: MigrationSpec) -> list[tuple[str, str]]:
+    """(blue column, SQL expression over a green row) for every blue column the reverse sync feeds."""
+    return [(c.reverse_column, c.reverse_expr) for c in spec.columns
+            if c.reverse_column is not None and c.reverse_expr is not None
+            and c.reverse_column not in spec.blue_generated]
 
 
 def fit_name(base: str, suffix: str = "") -> str:

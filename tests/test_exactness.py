@@ -129,6 +129,29 @@ def test_statements_with_several_events_on_one_key(dsn: str, tmp_path: Path) -> 
     assert doc_diff(dsn) == []
 
 
+def test_statements_with_several_events_on_one_key_in_the_two_way_window(dsn: str, tmp_path: Path) -> None:
+    """The window's sync inserts without an upsert where the target lacks the keys (an upsert would fire
+    the target's UPDATE triggers too): a statement that deletes and re-inserts a key must still land."""
+    setup(dsn, DOC)
+    plan = write_plan(tmp_path, {**DOC_PLAN, "versions": {"blue": "doc_old_release", "green": "doc_new_release"}})
+    for command in ("prepare", "backfill", "verify", "expose"):
+        run_ok(dsn, command, str(plan))
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for statement in MULTI_EVENT:                      # on blue, mirrored forward
+            conn.execute(statement.format(t="doc"))
+        assert doc_diff(dsn) == []
+        conn.execute("UPDATE public.doc_v2 SET id = id + 100000 WHERE id >= 8")
+        conn.execute("INSERT INTO public.doc_v2 SELECT g, 'g' || g, g FROM generate_series(8, 70) g")
+        for statement in MULTI_EVENT:                      # on green, mirrored back
+            conn.execute(statement.format(t="doc_v2"))
+    assert doc_diff(dsn) == []
+    assert scalar(dsn, "SELECT body FROM public.doc WHERE id = 8") == "moved from 9"
+    assert scalar(dsn, "SELECT body FROM public.doc WHERE id = 20") == "reborn"
+    run_ok(dsn, "cutover", str(plan))
+    run_ok(dsn, "rollback", str(plan))
+    assert doc_diff(dsn) == []
+
+
 # -- 3. identity, generated columns, domains and enums never make a write fail -------------------
 KINDS = """
 CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy');

@@ -150,6 +150,21 @@ MUTANTS = [
              "                                           state_schema=spec.state_schema), spec)\n    if spec.bulk:\n"
              "        bulk.finish(conn, dsn, spec, settings.lock_timeout, settings.attempts)\n")),
            ("tests/test_bulk.py", "-k", "unique_index")),
+    # issue 11's window, made cheaper: a plain INSERT only where the target lacks the keys, the bounce only
+    # where the target can change a row
+    Mutant("window_plain_insert_always", "the window's sync inserts without an upsert even where the target "
+           "still holds the key (a statement deleting and re-inserting a key)",
+           "sql_templates/_sync.sql.j2",
+           (("        IF EXISTS (SELECT FROM bgsync_new_rows AS n JOIN",
+             "        IF false AND EXISTS (SELECT FROM bgsync_new_rows AS n JOIN"),),
+           ("tests/test_exactness.py", "-k", "several_events_on_one_key_in_the_two_way_window")),
+    Mutant("window_no_bounce", "the window never maps back what a BEFORE trigger of the target changed",
+           "sql_templates/_sync.sql.j2",
+           (("        bounce := EXISTS (SELECT FROM pg_catalog.pg_trigger",
+             "        bounce := false AND EXISTS (SELECT FROM pg_catalog.pg_trigger"),
+            ("               OR EXISTS (SELECT FROM pg_catalog.pg_attribute",
+             "               AND EXISTS (SELECT FROM pg_catalog.pg_attribute")),
+           ("tests/test_expose.py", "-k", "user_trigger")),
 ]
 
 
