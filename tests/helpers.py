@@ -13,6 +13,7 @@ from pathlib import Path
 import psycopg
 
 from orchestrator.workload import load_sample_schema, seed_sample
+from tests import forked_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 PLANS = ROOT / "plans"
@@ -47,11 +48,10 @@ class Result:
 
 
 def bgsync(dsn: str, *args: str, timeout: float = 300, env: dict[str, str] | None = None) -> Result:
-    """Run `bgsync` in a subprocess, exactly as a DBA would."""
+    """Run `bgsync` in a process of its own, as a DBA would (forked from a server with the libraries
+    already imported; `spawn_bgsync` and BGSYNC_TEST_SUBPROCESS=1 start a real `python -m orchestrator`)."""
     full_env = {**os.environ, "BGSYNC_DSN": dsn, "COLUMNS": "200", **(env or {})}
-    proc = subprocess.run([sys.executable, "-m", "orchestrator", *args], capture_output=True, text=True,
-                          timeout=timeout, env=full_env, cwd=ROOT)
-    return Result(proc.returncode, proc.stdout, proc.stderr)
+    return Result(*forked_cli.run(list(args), full_env, ROOT, timeout))
 
 
 def spawn_bgsync(dsn: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
