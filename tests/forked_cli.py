@@ -5,7 +5,9 @@ start and imports per command (hundreds of commands per suite run).
 
 bgsync's own modules are imported in the child after its environment is set (some read it at import:
 the console's width, the default lock_timeout). This module imports nothing of bgsync's, so the server
-never does either. BGSYNC_TEST_SUBPROCESS=1 runs every command as a real `python -m orchestrator`.
+never does either. What the interpreter reads only as it starts (PYTHON* variables, the locale) is the
+test process's, as no test sets them. BGSYNC_TEST_SUBPROCESS=1 runs every command as a real
+`python -m orchestrator`.
 """
 
 from __future__ import annotations
