@@ -19,7 +19,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-PRELOAD = ["psycopg", "psycopg.sql", "psycopg.errors", "pydantic", "pglast", "jinja2", "typer", "click",
+# "__main__": the test runner's main script (pytest's, which only imports pytest) is imported once by the
+# server instead of by every forked command
+PRELOAD = ["__main__", "psycopg", "psycopg.sql", "psycopg.errors", "pydantic", "pglast", "jinja2", "typer", "click",
            "rich.console", "rich.progress", "rich.table", "yaml", "prometheus_client"]
 
 _context: multiprocessing.context.ForkServerContext | None = None
