@@ -50,14 +50,17 @@ class Result:
 def bgsync(dsn: str, *args: str, timeout: float = 300, env: dict[str, str] | None = None) -> Result:
     """Run `bgsync` in a process of its own, as a DBA would (forked from a server with the libraries
     already imported; `spawn_bgsync` and BGSYNC_TEST_SUBPROCESS=1 start a real `python -m orchestrator`)."""
-    full_env = {**os.environ, "BGSYNC_DSN": dsn, "COLUMNS": "200", **(env or {})}
-    return Result(*forked_cli.run(list(args), full_env, ROOT, timeout))
+    return Result(*forked_cli.run(list(args), cli_env(dsn, env), ROOT, timeout))
 
 
 def spawn_bgsync(dsn: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
-    env = {**os.environ, "BGSYNC_DSN": dsn, "COLUMNS": "200", **(env or {})}
     return subprocess.Popen([sys.executable, "-m", "orchestrator", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+                            stderr=subprocess.PIPE, text=True, env=cli_env(dsn, env), cwd=ROOT)
+
+
+def cli_env(dsn: str, env: dict[str, str] | None) -> dict[str, str]:
+    """The environment of a bgsync command in the tests: ours, the DSN, a wide console, the test's own."""
+    return {**os.environ, "BGSYNC_DSN": dsn, "COLUMNS": "200", **(env or {})}
 
 
 def load_schema(dsn: str) -> None:

@@ -140,8 +140,8 @@ MUTANTS = [
     Mutant("bulk_log_new_keys_only", "bulk mode's trigger logs only the new keys of an UPDATE (a re-keyed row's "
            "old key is never re-read)",
            "sql_templates/_sync.sql.j2",
-           (("FROM bgsync_old_rows AS o\n         WHERE NOT EXISTS (SELECT FROM bgsync_new_rows AS n\n",
-             "FROM bgsync_old_rows AS o\n         WHERE false AND NOT EXISTS (SELECT FROM bgsync_new_rows AS n\n"),),
+           (("FROM bgsync_old_rows AS o\n         WHERE {{ left_behind('o') }};",
+             "FROM bgsync_old_rows AS o\n         WHERE false AND {{ left_behind('o') }};"),),
            ("tests/test_bulk.py", "-k", "read_again")),
     Mutant("bulk_unique_before_drain", "bulk mode builds the unique indexes before the change log is drained",
            "orchestrator/phases/backfill.py",
