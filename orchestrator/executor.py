@@ -96,7 +96,8 @@ class Executor:
                 self._record_failure(unit, error)
                 if attempt >= unit.attempts:
                     raise DatabaseError(
-                        f"{unit.title}: could not get a lock within lock_timeout {unit.lock_timeout} "
+                        f"{unit.title}: could not get a lock within "
+                        f"{f'lock_timeout {unit.lock_timeout}' if unit.lock_timeout else 'the lock_timeout'} "
                         f"after {attempt} attempt(s); nothing was changed") from None
                 pause = min(5.0, 0.1 * 2 ** (attempt - 1)) * (0.5 + random.random())
                 log.warn(f"{unit.title}: {_why(error)} (attempt {attempt}/{unit.attempts}), "

@@ -152,6 +152,69 @@ def test_statements_with_several_events_on_one_key_in_the_two_way_window(dsn: st
     assert doc_diff(dsn) == []
 
 
+# A user's AFTER ROW trigger fires before any AFTER STATEMENT trigger of the same statement, and AFTER
+# STATEMENT triggers fire in name order: the user's triggers below change or delete the rows a statement
+# wrote before bgsync's statement trigger runs (their own statements are synced first, at their end), so
+# the statement's transition table no longer holds the rows as they are.
+AFTER_WRITE_TRIGGERS = """
+CREATE FUNCTION public.doc_after_row() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.body = 'drop me' THEN
+        DELETE FROM public.{t} WHERE id = NEW.id;
+    ELSIF NEW.n >= 0 AND NEW.n < 1000000 THEN
+        UPDATE public.{t} SET n = NEW.n + 1000000 WHERE id = NEW.id;
+    END IF;
+    RETURN NULL;
+END $$;
+CREATE TRIGGER doc_after_row AFTER INSERT OR UPDATE OF body ON public.{t}
+    FOR EACH ROW EXECUTE FUNCTION public.doc_after_row();
+CREATE FUNCTION public.doc_after_statement() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE public.{t} SET body = body || ' (seen)' WHERE body LIKE 'stamp%' AND body NOT LIKE '%(seen)';
+    RETURN NULL;
+END $$;
+CREATE TRIGGER aaa_doc_after_statement AFTER INSERT ON public.{t}
+    FOR EACH STATEMENT EXECUTE FUNCTION public.doc_after_statement();
+"""
+AFTER_WRITES = [
+    "INSERT INTO public.{t} (id, body, n) SELECT g, 'inserted', g FROM generate_series(5001, 5010) g",
+    "INSERT INTO public.{t} (id, body, n) VALUES (5020, 'drop me', 1), (5021, 'stamp me', -5)",
+    "UPDATE public.{t} SET body = 'drop me' WHERE id BETWEEN 100 AND 104",
+    "UPDATE public.{t} SET body = 'renamed' WHERE id BETWEEN 200 AND 204",
+]
+
+
+@pytest.mark.parametrize("mode", ["bulk", "direct", "window"])
+def test_user_triggers_that_change_the_written_rows_leave_green_exact(dsn: str, tmp_path: Path, mode: str) -> None:
+    """The sync writes the rows as the source holds them when it runs, not as the statement wrote them
+    (one-way after either backfill mode, and in the two-way window of expose)."""
+    setup(dsn, DOC)
+    versions = {"versions": {"blue": "doc_old_release", "green": "doc_new_release"}} if mode == "window" else {}
+    plan = write_plan(tmp_path, {**DOC_PLAN, "backfill": {**DOC_PLAN["backfill"],
+                                                          "mode": "direct" if mode == "direct" else "bulk"},
+                                 **versions})
+    for command in ("prepare", "backfill", "verify", *(["expose"] if mode == "window" else [])):
+        run_ok(dsn, command, str(plan))
+    setup(dsn, AFTER_WRITE_TRIGGERS.format(t="doc"))
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for statement in AFTER_WRITES:
+            conn.execute(statement.format(t="doc"))
+    assert scalar(dsn, "SELECT n FROM public.doc WHERE id = 5001") == 1005001        # the triggers ran
+    assert scalar(dsn, "SELECT count(*) FROM public.doc WHERE body = 'drop me'") == 0
+    assert scalar(dsn, "SELECT body FROM public.doc WHERE id = 5021") == "stamp me (seen)"
+    assert doc_diff(dsn) == []
+    if mode != "window":
+        run_ok(dsn, "verify", str(plan))
+    run_ok(dsn, "cutover", str(plan))              # the triggers come along; the reverse sync reads green
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for statement in AFTER_WRITES:                  # the same writes on other keys
+            conn.execute(statement.format(t="doc").replace("50", "60")
+                         .replace("BETWEEN 100 AND 104", "BETWEEN 300 AND 304")
+                         .replace("BETWEEN 200 AND 204", "BETWEEN 400 AND 404"))
+    assert scalar(dsn, "SELECT n FROM public.doc WHERE id = 6001") == 1006001
+    assert doc_diff(dsn, "doc_old", "doc") == []
+
+
 # -- 3. identity, generated columns, domains and enums never make a write fail -------------------
 KINDS = """
 CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy');

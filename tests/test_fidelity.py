@@ -421,17 +421,22 @@ def test_twenty_flips_never_abort_an_application_transaction(dsn: str, tmp_path:
         run_ok(dsn, command, str(plan))
     writers = ShopWriters(dsn).start(writers=4)
     try:
-        for _ in range(10):
+        # at least 10 cutovers and 10 rollbacks, and on until the writers have crossed them with more than 50
+        # child-then-parent transactions (a fast machine flips 10 times before the writers did that many)
+        flips = 0
+        while flips < 10 or (writers.counts["child_then_parent"] <= 50 and flips < 40):
             commands.verify(options, plan, as_json=True)
             commands.cutover(options, plan)
             commands.rollback(options, plan)
+            flips += 1
     finally:
         writers.finish()
     assert writers.failures == [], writers.failures[:5]
     assert writers.counts["child_then_parent"] > 50, writers.counts
     assert writers.deadlocks == 0, f"{writers.deadlocks} application transactions were deadlock victims"
     with capsys.disabled():
-        print(f"\n[20 flips] longest application transaction: {writers.longest * 1000:.0f} ms; {writers.counts}")
+        print(f"\n[{2 * flips} flips] longest application transaction:"
+              f" {writers.longest * 1000:.0f} ms; {writers.counts}")
 
 
 def test_finalize_drops_the_retired_table_without_holding_the_live_one(dsn: str, tmp_path: Path) -> None:

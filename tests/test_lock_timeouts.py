@@ -114,3 +114,28 @@ def test_lock_timeout_from_the_environment_needs_a_unit(dsn: str) -> None:
     load_schema(dsn)
     result = bgsync(dsn, "status", env={"BGSYNC_LOCK_TIMEOUT": "300"})
     assert result.code == 2 and "BGSYNC_LOCK_TIMEOUT" in result.err and "unit" in result.err, result.err
+
+
+def test_repair_waits_out_a_writer_holding_a_row_it_recopies(dsn: str) -> None:
+    """A repair's transaction races the application's writes on the rows it re-copies (a lock held past its
+    lock_timeout, or a deadlock with the trigger): it changed nothing, so it is retried with backoff, not
+    given up at the first lock wait. Seen in the randomized test as exit 3 of `verify --repair`."""
+    load_schema(dsn)
+    seed(dsn, orders=2000)
+    for command in ("prepare", "backfill", "verify"):
+        result = bgsync(dsn, command, PLAN)
+        assert result.code == 0, result.out + result.err
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("UPDATE public.orders_v2 SET note = 'planted' WHERE id = 10")
+    with psycopg.connect(dsn) as holder:                 # the application's open transaction on that row
+        holder.execute("SELECT FROM public.orders_v2 WHERE id = 10 FOR UPDATE")
+        pid = holder.info.backend_pid
+        proc = spawn_bgsync(dsn, "verify", PLAN, "--repair", env=SHORT)
+        wait_for(lambda: queued_behind(dsn, pid, "bgsync verify"), timeout=30)
+        # the repair gave up on this attempt at least once (its lock_timeout) while the row stayed held
+        wait_for(lambda: bool(scalar(dsn, "SELECT count(*) FROM bgsync.events WHERE outcome = 'error' "
+                                          "AND step LIKE 'repair %%'")), timeout=30)
+        holder.commit()
+    out, err = finish(proc)
+    assert proc.returncode == 0, out + err
+    assert plan_diff(dsn, "orders_v2") == []

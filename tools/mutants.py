@@ -94,8 +94,10 @@ MUTANTS = [
            ("tests/test_invalid_plans.py", "-k", "type-check")),
     Mutant("reverse_update", "the reverse trigger's UPDATE branch does nothing",
            "sql_templates/_sync.sql.j2",
-           (("    ELSIF TG_OP = 'UPDATE' THEN",
-             "    ELSIF TG_OP = 'UPDATE' {% if title == 'reverse sync' %}AND false {% endif %}THEN"),),
+           (("    ELSIF TG_OP = 'UPDATE' THEN\n        -- rows whose key changed leave their old key behind in the "
+             "target, unless the source holds it again\n",
+             "    ELSIF TG_OP = 'UPDATE' {% if title == 'reverse sync' %}AND false {% endif %}THEN\n        -- rows "
+             "whose key changed leave their old key behind in the target, unless the source holds it again\n"),),
            ("tests/test_roles_and_state.py", "-k", "dml_only")),
     Mutant("redaction", "redaction is a no-op: no password is remembered or replaced",
            "orchestrator/db.py",
@@ -140,8 +142,8 @@ MUTANTS = [
     Mutant("bulk_log_new_keys_only", "bulk mode's trigger logs only the new keys of an UPDATE (a re-keyed row's "
            "old key is never re-read)",
            "sql_templates/_sync.sql.j2",
-           (("FROM bgsync_old_rows AS o\n         WHERE {{ left_behind('o') }};",
-             "FROM bgsync_old_rows AS o\n         WHERE false AND {{ left_behind('o') }};"),),
+           (("FROM bgsync_old_rows AS o\n         WHERE {{ gone('o') }};",
+             "FROM bgsync_old_rows AS o\n         WHERE false AND {{ gone('o') }};"),),
            ("tests/test_bulk.py", "-k", "read_again")),
     Mutant("bulk_unique_before_drain", "bulk mode builds the unique indexes before the change log is drained",
            "orchestrator/phases/backfill.py",
@@ -155,16 +157,28 @@ MUTANTS = [
     Mutant("window_plain_insert_always", "the window's sync inserts without an upsert even where the target "
            "still holds the key (a statement deleting and re-inserting a key)",
            "sql_templates/_sync.sql.j2",
-           (("        IF EXISTS (SELECT FROM bgsync_new_rows AS n JOIN",
-             "        IF false AND EXISTS (SELECT FROM bgsync_new_rows AS n JOIN"),),
+           (("        IF held THEN", "        IF false AND held THEN"),),
            ("tests/test_exactness.py", "-k", "several_events_on_one_key_in_the_two_way_window")),
     Mutant("window_no_bounce", "the window never maps back what a BEFORE trigger of the target changed",
            "sql_templates/_sync.sql.j2",
-           (("        bounce := EXISTS (SELECT FROM pg_catalog.pg_trigger",
-             "        bounce := false AND EXISTS (SELECT FROM pg_catalog.pg_trigger"),
-            ("               OR EXISTS (SELECT FROM pg_catalog.pg_attribute",
-             "               AND EXISTS (SELECT FROM pg_catalog.pg_attribute")),
+           (("{% macro bounce_rule() %}\n{%- if sync.back_update_columns -%}",
+             "{% macro bounce_rule() %}\n{%- if false -%}"),),
            ("tests/test_expose.py", "-k", "user_trigger")),
+    Mutant("sync_joins_transition_tables", "the forward DELETE skips the old keys the new rows hold by joining "
+           "the two transition tables (quadratic under a plan the session cached for one row)",
+           "sql_templates/_sync.sql.j2",
+           (("                 WHERE {{ gone('o') }} OFFSET 0) AS o{% endmacro %}",
+             "                 WHERE {{ gone('o') }} AND NOT EXISTS (SELECT FROM bgsync_new_rows AS n WHERE "
+             "({{ sync.source_key|idents('n.') }}) = ({{ sync.source_key|idents('o.') }})) OFFSET 0) AS o"
+             "{% endmacro %}"),),
+           ("tests/test_sync_plans.py", "-k", "direct")),
+    Mutant("sync_writes_transition_rows", "the sync writes the statement's transition-table rows, not the rows "
+           "as the source holds them when it runs (a user's AFTER trigger changed them first)",
+           "sql_templates/_sync.sql.j2",
+           (("{% macro current() %}bgsync_new_rows AS n,",
+             "{% macro current() %}{{ mapped(sync.columns, 'bgsync_new_rows') }} AS s{% if false %}"),
+            ("AS s{% endmacro %}", "AS s{% endif %}{% endmacro %}")),
+           ("tests/test_exactness.py", "-k", "user_triggers_that_change and direct")),
 ]
 
 

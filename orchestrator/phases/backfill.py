@@ -237,6 +237,18 @@ class Shared:
     lock: threading.Lock = field(default_factory=threading.Lock)
     waiting: set[int] = field(default_factory=set)      # workers waiting for partitions held by other sessions
     backends: set[int] = field(default_factory=set)     # the workers' server pids (never named as holders)
+    # notified each time a worker of this process commits a batch or ends: a worker waiting for a partition
+    # that a sibling holds claims it again at once, instead of at its next poll
+    released: threading.Condition = field(default_factory=threading.Condition)
+
+    def release(self) -> None:
+        with self.released:
+            self.released.notify_all()
+
+    def wait_for_release(self, seconds: float) -> None:
+        with self.released:
+            if not self.stop.is_set():
+                self.released.wait(seconds)
 
     def wait_for_held(self, number: int, waiting: bool) -> None:
         with self.lock:
@@ -323,7 +335,7 @@ def worker(shared: Shared, number: int) -> None:
                     return
                 # the rest is held by other sessions: claim each partition as soon as it is free
                 shared.wait_for_held(number, True)
-                shared.stop.wait(HELD_PARTITION_POLL)
+                shared.wait_for_release(HELD_PARTITION_POLL)
                 continue
             except RETRYABLE as error:
                 shared.wait_for_held(number, False)
@@ -333,6 +345,7 @@ def worker(shared: Shared, number: int) -> None:
                 log.warn(f"worker {number}: {type(error).__name__}, retrying batch ({retries})")
                 shared.stop.wait(min(2.0, 0.05 * 2**retries))
                 continue
+            shared.release()
             shared.wait_for_held(number, False)
             size.measured(inserted, elapsed)
             with shared.lock:
@@ -347,6 +360,7 @@ def worker(shared: Shared, number: int) -> None:
         shared.stop.set()
     finally:
         conn.close()
+        shared.release()
 
 
 @dataclass

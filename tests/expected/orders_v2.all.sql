@@ -123,8 +123,8 @@ BEGIN
         SELECT "id" FROM bgsync_new_rows
         UNION ALL
         SELECT o."id" FROM bgsync_old_rows AS o
-         WHERE NOT EXISTS (SELECT FROM bgsync_new_rows AS n
-                            WHERE (n."id") = (o."id"));
+         WHERE NOT EXISTS (SELECT FROM "public"."orders" AS s
+                            WHERE (s."id") = (o."id"));
     WHEN 'DELETE' THEN
         INSERT INTO "bgsync"."orders_v2_log" ("id")
         SELECT "id" FROM bgsync_old_rows;
@@ -444,30 +444,32 @@ AS $bgsync$
 BEGIN
     IF TG_OP = 'INSERT' THEN
         INSERT INTO "public"."orders_v2" AS t ("id", "customer_id", "total_amount", "status", "note", "created_at") OVERRIDING SYSTEM VALUE
-        SELECT "id", "customer_id", amount::numeric(12,2), state, "note", "created_at"
-          FROM bgsync_new_rows
+        SELECT s.* FROM bgsync_new_rows AS n,
+               LATERAL (SELECT "id" AS "id", "customer_id" AS "customer_id", amount::numeric(12,2) AS "total_amount", state AS "status", "note" AS "note", "created_at" AS "created_at"
+          FROM "public"."orders"
+                 WHERE ("orders"."id") = (n."id")) AS s
         ON CONFLICT ("id") DO UPDATE
            SET "customer_id" = EXCLUDED."customer_id", "total_amount" = EXCLUDED."total_amount", "status" = EXCLUDED."status", "note" = EXCLUDED."note", "created_at" = EXCLUDED."created_at";
     ELSIF TG_OP = 'UPDATE' THEN
         -- rows whose key changed leave their old key behind in the target, unless the source holds it again
         DELETE FROM "public"."orders_v2" AS t
-         USING bgsync_old_rows AS o
-         WHERE (t."id") = (o."id")
-           AND NOT EXISTS (SELECT FROM bgsync_new_rows AS n
-                            WHERE (n."id") = (o."id"))
-           AND NOT EXISTS (SELECT FROM "public"."orders" AS s
-                            WHERE (s."id") = (o."id"));
+         USING (SELECT o."id" FROM bgsync_old_rows AS o
+                 WHERE NOT EXISTS (SELECT FROM "public"."orders" AS s
+                            WHERE (s."id") = (o."id")) OFFSET 0) AS o
+         WHERE (t."id") = (o."id");
         INSERT INTO "public"."orders_v2" AS t ("id", "customer_id", "total_amount", "status", "note", "created_at") OVERRIDING SYSTEM VALUE
-        SELECT "id", "customer_id", amount::numeric(12,2), state, "note", "created_at"
-          FROM bgsync_new_rows
+        SELECT s.* FROM bgsync_new_rows AS n,
+               LATERAL (SELECT "id" AS "id", "customer_id" AS "customer_id", amount::numeric(12,2) AS "total_amount", state AS "status", "note" AS "note", "created_at" AS "created_at"
+          FROM "public"."orders"
+                 WHERE ("orders"."id") = (n."id")) AS s
         ON CONFLICT ("id") DO UPDATE
            SET "customer_id" = EXCLUDED."customer_id", "total_amount" = EXCLUDED."total_amount", "status" = EXCLUDED."status", "note" = EXCLUDED."note", "created_at" = EXCLUDED."created_at";
     ELSIF TG_OP = 'DELETE' THEN
         DELETE FROM "public"."orders_v2" AS t
-         USING bgsync_old_rows AS o
-         WHERE (t."id") = (o."id")
-           AND NOT EXISTS (SELECT FROM "public"."orders" AS s
-                            WHERE (s."id") = (o."id"));
+         USING (SELECT o."id" FROM bgsync_old_rows AS o
+                 WHERE NOT EXISTS (SELECT FROM "public"."orders" AS s
+                            WHERE (s."id") = (o."id")) OFFSET 0) AS o
+         WHERE (t."id") = (o."id");
     ELSIF TG_OP = 'TRUNCATE' THEN
         TRUNCATE "public"."orders_v2";
     END IF;
@@ -489,6 +491,16 @@ UPDATE "bgsync"."migrations" SET green_written_at = clock_timestamp()
 COMMIT;
 
 -- phase: verify
+-- each verify worker's session
+BEGIN;
+-- verify's parallelism is its own workers, one core each: no parallel workers per query on top
+SET max_parallel_workers_per_gather = 0;
+-- no JIT compilation: each piece is one scan, compiled anew per query for more than it saves
+SET jit = off;
+-- pin this session's search_path, as in bgsync's trigger functions
+SELECT set_config('search_path', '"pg_catalog", "public", "pg_temp"', false);
+COMMIT;
+
 -- each partition piece by piece: the next piece's upper key (the piece size adapts to a third of verify.max_snapshot_age)
 BEGIN;
 -- upper key of the next batch: the key that many rows on from the cursor (OFFSET: the batch size less one), in key order (the size adapts to backfill.batch_time)
@@ -634,30 +646,32 @@ AS $bgsync$
 BEGIN
     IF TG_OP = 'INSERT' THEN
         INSERT INTO "public"."orders_old" AS t ("id", "customer_id", "amount", "state", "note", "created_at") OVERRIDING SYSTEM VALUE
-        SELECT "id", "customer_id", round(total_amount)::integer, "status", "note", "created_at"
-          FROM bgsync_new_rows
+        SELECT s.* FROM bgsync_new_rows AS n,
+               LATERAL (SELECT "id" AS "id", "customer_id" AS "customer_id", round(total_amount)::integer AS "amount", "status" AS "state", "note" AS "note", "created_at" AS "created_at"
+          FROM "public"."orders"
+                 WHERE ("orders"."id") = (n."id")) AS s
         ON CONFLICT ("id") DO UPDATE
            SET "customer_id" = EXCLUDED."customer_id", "amount" = EXCLUDED."amount", "state" = EXCLUDED."state", "note" = EXCLUDED."note", "created_at" = EXCLUDED."created_at";
     ELSIF TG_OP = 'UPDATE' THEN
         -- rows whose key changed leave their old key behind in the target, unless the source holds it again
         DELETE FROM "public"."orders_old" AS t
-         USING bgsync_old_rows AS o
-         WHERE (t."id") = (o."id")
-           AND NOT EXISTS (SELECT FROM bgsync_new_rows AS n
-                            WHERE (n."id") = (o."id"))
-           AND NOT EXISTS (SELECT FROM "public"."orders" AS s
-                            WHERE (s."id") = (o."id"));
+         USING (SELECT o."id" FROM bgsync_old_rows AS o
+                 WHERE NOT EXISTS (SELECT FROM "public"."orders" AS s
+                            WHERE (s."id") = (o."id")) OFFSET 0) AS o
+         WHERE (t."id") = (o."id");
         INSERT INTO "public"."orders_old" AS t ("id", "customer_id", "amount", "state", "note", "created_at") OVERRIDING SYSTEM VALUE
-        SELECT "id", "customer_id", round(total_amount)::integer, "status", "note", "created_at"
-          FROM bgsync_new_rows
+        SELECT s.* FROM bgsync_new_rows AS n,
+               LATERAL (SELECT "id" AS "id", "customer_id" AS "customer_id", round(total_amount)::integer AS "amount", "status" AS "state", "note" AS "note", "created_at" AS "created_at"
+          FROM "public"."orders"
+                 WHERE ("orders"."id") = (n."id")) AS s
         ON CONFLICT ("id") DO UPDATE
            SET "customer_id" = EXCLUDED."customer_id", "amount" = EXCLUDED."amount", "state" = EXCLUDED."state", "note" = EXCLUDED."note", "created_at" = EXCLUDED."created_at";
     ELSIF TG_OP = 'DELETE' THEN
         DELETE FROM "public"."orders_old" AS t
-         USING bgsync_old_rows AS o
-         WHERE (t."id") = (o."id")
-           AND NOT EXISTS (SELECT FROM "public"."orders" AS s
-                            WHERE (s."id") = (o."id"));
+         USING (SELECT o."id" FROM bgsync_old_rows AS o
+                 WHERE NOT EXISTS (SELECT FROM "public"."orders" AS s
+                            WHERE (s."id") = (o."id")) OFFSET 0) AS o
+         WHERE (t."id") = (o."id");
     ELSIF TG_OP = 'TRUNCATE' THEN
         TRUNCATE "public"."orders_old";
     END IF;
@@ -825,30 +839,32 @@ AS $bgsync$
 BEGIN
     IF TG_OP = 'INSERT' THEN
         INSERT INTO "public"."orders_v2" AS t ("id", "customer_id", "total_amount", "status", "note", "created_at") OVERRIDING SYSTEM VALUE
-        SELECT "id", "customer_id", amount::numeric(12,2), state, "note", "created_at"
-          FROM bgsync_new_rows
+        SELECT s.* FROM bgsync_new_rows AS n,
+               LATERAL (SELECT "id" AS "id", "customer_id" AS "customer_id", amount::numeric(12,2) AS "total_amount", state AS "status", "note" AS "note", "created_at" AS "created_at"
+          FROM "public"."orders"
+                 WHERE ("orders"."id") = (n."id")) AS s
         ON CONFLICT ("id") DO UPDATE
            SET "customer_id" = EXCLUDED."customer_id", "total_amount" = EXCLUDED."total_amount", "status" = EXCLUDED."status", "note" = EXCLUDED."note", "created_at" = EXCLUDED."created_at";
     ELSIF TG_OP = 'UPDATE' THEN
         -- rows whose key changed leave their old key behind in the target, unless the source holds it again
         DELETE FROM "public"."orders_v2" AS t
-         USING bgsync_old_rows AS o
-         WHERE (t."id") = (o."id")
-           AND NOT EXISTS (SELECT FROM bgsync_new_rows AS n
-                            WHERE (n."id") = (o."id"))
-           AND NOT EXISTS (SELECT FROM "public"."orders" AS s
-                            WHERE (s."id") = (o."id"));
+         USING (SELECT o."id" FROM bgsync_old_rows AS o
+                 WHERE NOT EXISTS (SELECT FROM "public"."orders" AS s
+                            WHERE (s."id") = (o."id")) OFFSET 0) AS o
+         WHERE (t."id") = (o."id");
         INSERT INTO "public"."orders_v2" AS t ("id", "customer_id", "total_amount", "status", "note", "created_at") OVERRIDING SYSTEM VALUE
-        SELECT "id", "customer_id", amount::numeric(12,2), state, "note", "created_at"
-          FROM bgsync_new_rows
+        SELECT s.* FROM bgsync_new_rows AS n,
+               LATERAL (SELECT "id" AS "id", "customer_id" AS "customer_id", amount::numeric(12,2) AS "total_amount", state AS "status", "note" AS "note", "created_at" AS "created_at"
+          FROM "public"."orders"
+                 WHERE ("orders"."id") = (n."id")) AS s
         ON CONFLICT ("id") DO UPDATE
            SET "customer_id" = EXCLUDED."customer_id", "total_amount" = EXCLUDED."total_amount", "status" = EXCLUDED."status", "note" = EXCLUDED."note", "created_at" = EXCLUDED."created_at";
     ELSIF TG_OP = 'DELETE' THEN
         DELETE FROM "public"."orders_v2" AS t
-         USING bgsync_old_rows AS o
-         WHERE (t."id") = (o."id")
-           AND NOT EXISTS (SELECT FROM "public"."orders" AS s
-                            WHERE (s."id") = (o."id"));
+         USING (SELECT o."id" FROM bgsync_old_rows AS o
+                 WHERE NOT EXISTS (SELECT FROM "public"."orders" AS s
+                            WHERE (s."id") = (o."id")) OFFSET 0) AS o
+         WHERE (t."id") = (o."id");
     ELSIF TG_OP = 'TRUNCATE' THEN
         TRUNCATE "public"."orders_v2";
     END IF;

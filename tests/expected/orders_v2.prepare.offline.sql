@@ -128,8 +128,8 @@ BEGIN
         SELECT "id" FROM bgsync_new_rows
         UNION ALL
         SELECT o."id" FROM bgsync_old_rows AS o
-         WHERE NOT EXISTS (SELECT FROM bgsync_new_rows AS n
-                            WHERE (n."id") = (o."id"));
+         WHERE NOT EXISTS (SELECT FROM "public"."orders" AS s
+                            WHERE (s."id") = (o."id"));
     WHEN 'DELETE' THEN
         INSERT INTO "bgsync"."orders_v2_log" ("id")
         SELECT "id" FROM bgsync_old_rows;
