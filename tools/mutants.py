@@ -179,6 +179,12 @@ MUTANTS = [
              "{% macro current() %}{{ mapped(sync.columns, 'bgsync_new_rows') }} AS s{% if false %}"),
             ("AS s{% endmacro %}", "AS s{% endif %}{% endmacro %}")),
            ("tests/test_exactness.py", "-k", "user_triggers_that_change and direct")),
+    Mutant("sync_reads_rows_of_other_transactions", "the sync's reads of the source by key also count a row another "
+           "transaction deleted after a REPEATABLE READ snapshot (the snapshot still shows it)",
+           "sql_templates/_sync.sql.j2",
+           (("{% macro own(alias) %}pg_catalog.age({{ alias }}.xmin) <= 0{% endmacro %}",
+             "{% macro own(alias) %}true{% endmacro %}"),),
+           ("tests/test_exactness.py", "-k", "reusing and direct")),
 ]
 
 

@@ -124,7 +124,8 @@ BEGIN
         UNION ALL
         SELECT o."id" FROM bgsync_old_rows AS o
          WHERE NOT EXISTS (SELECT FROM "public"."orders" AS s
-                            WHERE (s."id") = (o."id"));
+                            WHERE (s."id") = (o."id")
+                              AND pg_catalog.age(s.xmin) <= 0);
     WHEN 'DELETE' THEN
         INSERT INTO "bgsync"."orders_v2_log" ("id")
         SELECT "id" FROM bgsync_old_rows;
@@ -447,7 +448,8 @@ BEGIN
         SELECT s.* FROM bgsync_new_rows AS n,
                LATERAL (SELECT "id" AS "id", "customer_id" AS "customer_id", amount::numeric(12,2) AS "total_amount", state AS "status", "note" AS "note", "created_at" AS "created_at"
           FROM "public"."orders"
-                 WHERE ("orders"."id") = (n."id")) AS s
+                 WHERE ("orders"."id") = (n."id")
+                   AND pg_catalog.age("orders".xmin) <= 0) AS s
         ON CONFLICT ("id") DO UPDATE
            SET "customer_id" = EXCLUDED."customer_id", "total_amount" = EXCLUDED."total_amount", "status" = EXCLUDED."status", "note" = EXCLUDED."note", "created_at" = EXCLUDED."created_at";
     ELSIF TG_OP = 'UPDATE' THEN
@@ -455,20 +457,23 @@ BEGIN
         DELETE FROM "public"."orders_v2" AS t
          USING (SELECT o."id" FROM bgsync_old_rows AS o
                  WHERE NOT EXISTS (SELECT FROM "public"."orders" AS s
-                            WHERE (s."id") = (o."id")) OFFSET 0) AS o
+                            WHERE (s."id") = (o."id")
+                              AND pg_catalog.age(s.xmin) <= 0) OFFSET 0) AS o
          WHERE (t."id") = (o."id");
         INSERT INTO "public"."orders_v2" AS t ("id", "customer_id", "total_amount", "status", "note", "created_at") OVERRIDING SYSTEM VALUE
         SELECT s.* FROM bgsync_new_rows AS n,
                LATERAL (SELECT "id" AS "id", "customer_id" AS "customer_id", amount::numeric(12,2) AS "total_amount", state AS "status", "note" AS "note", "created_at" AS "created_at"
           FROM "public"."orders"
-                 WHERE ("orders"."id") = (n."id")) AS s
+                 WHERE ("orders"."id") = (n."id")
+                   AND pg_catalog.age("orders".xmin) <= 0) AS s
         ON CONFLICT ("id") DO UPDATE
            SET "customer_id" = EXCLUDED."customer_id", "total_amount" = EXCLUDED."total_amount", "status" = EXCLUDED."status", "note" = EXCLUDED."note", "created_at" = EXCLUDED."created_at";
     ELSIF TG_OP = 'DELETE' THEN
         DELETE FROM "public"."orders_v2" AS t
          USING (SELECT o."id" FROM bgsync_old_rows AS o
                  WHERE NOT EXISTS (SELECT FROM "public"."orders" AS s
-                            WHERE (s."id") = (o."id")) OFFSET 0) AS o
+                            WHERE (s."id") = (o."id")
+                              AND pg_catalog.age(s.xmin) <= 0) OFFSET 0) AS o
          WHERE (t."id") = (o."id");
     ELSIF TG_OP = 'TRUNCATE' THEN
         TRUNCATE "public"."orders_v2";
@@ -649,7 +654,8 @@ BEGIN
         SELECT s.* FROM bgsync_new_rows AS n,
                LATERAL (SELECT "id" AS "id", "customer_id" AS "customer_id", round(total_amount)::integer AS "amount", "status" AS "state", "note" AS "note", "created_at" AS "created_at"
           FROM "public"."orders"
-                 WHERE ("orders"."id") = (n."id")) AS s
+                 WHERE ("orders"."id") = (n."id")
+                   AND pg_catalog.age("orders".xmin) <= 0) AS s
         ON CONFLICT ("id") DO UPDATE
            SET "customer_id" = EXCLUDED."customer_id", "amount" = EXCLUDED."amount", "state" = EXCLUDED."state", "note" = EXCLUDED."note", "created_at" = EXCLUDED."created_at";
     ELSIF TG_OP = 'UPDATE' THEN
@@ -657,20 +663,23 @@ BEGIN
         DELETE FROM "public"."orders_old" AS t
          USING (SELECT o."id" FROM bgsync_old_rows AS o
                  WHERE NOT EXISTS (SELECT FROM "public"."orders" AS s
-                            WHERE (s."id") = (o."id")) OFFSET 0) AS o
+                            WHERE (s."id") = (o."id")
+                              AND pg_catalog.age(s.xmin) <= 0) OFFSET 0) AS o
          WHERE (t."id") = (o."id");
         INSERT INTO "public"."orders_old" AS t ("id", "customer_id", "amount", "state", "note", "created_at") OVERRIDING SYSTEM VALUE
         SELECT s.* FROM bgsync_new_rows AS n,
                LATERAL (SELECT "id" AS "id", "customer_id" AS "customer_id", round(total_amount)::integer AS "amount", "status" AS "state", "note" AS "note", "created_at" AS "created_at"
           FROM "public"."orders"
-                 WHERE ("orders"."id") = (n."id")) AS s
+                 WHERE ("orders"."id") = (n."id")
+                   AND pg_catalog.age("orders".xmin) <= 0) AS s
         ON CONFLICT ("id") DO UPDATE
            SET "customer_id" = EXCLUDED."customer_id", "amount" = EXCLUDED."amount", "state" = EXCLUDED."state", "note" = EXCLUDED."note", "created_at" = EXCLUDED."created_at";
     ELSIF TG_OP = 'DELETE' THEN
         DELETE FROM "public"."orders_old" AS t
          USING (SELECT o."id" FROM bgsync_old_rows AS o
                  WHERE NOT EXISTS (SELECT FROM "public"."orders" AS s
-                            WHERE (s."id") = (o."id")) OFFSET 0) AS o
+                            WHERE (s."id") = (o."id")
+                              AND pg_catalog.age(s.xmin) <= 0) OFFSET 0) AS o
          WHERE (t."id") = (o."id");
     ELSIF TG_OP = 'TRUNCATE' THEN
         TRUNCATE "public"."orders_old";
@@ -842,7 +851,8 @@ BEGIN
         SELECT s.* FROM bgsync_new_rows AS n,
                LATERAL (SELECT "id" AS "id", "customer_id" AS "customer_id", amount::numeric(12,2) AS "total_amount", state AS "status", "note" AS "note", "created_at" AS "created_at"
           FROM "public"."orders"
-                 WHERE ("orders"."id") = (n."id")) AS s
+                 WHERE ("orders"."id") = (n."id")
+                   AND pg_catalog.age("orders".xmin) <= 0) AS s
         ON CONFLICT ("id") DO UPDATE
            SET "customer_id" = EXCLUDED."customer_id", "total_amount" = EXCLUDED."total_amount", "status" = EXCLUDED."status", "note" = EXCLUDED."note", "created_at" = EXCLUDED."created_at";
     ELSIF TG_OP = 'UPDATE' THEN
@@ -850,20 +860,23 @@ BEGIN
         DELETE FROM "public"."orders_v2" AS t
          USING (SELECT o."id" FROM bgsync_old_rows AS o
                  WHERE NOT EXISTS (SELECT FROM "public"."orders" AS s
-                            WHERE (s."id") = (o."id")) OFFSET 0) AS o
+                            WHERE (s."id") = (o."id")
+                              AND pg_catalog.age(s.xmin) <= 0) OFFSET 0) AS o
          WHERE (t."id") = (o."id");
         INSERT INTO "public"."orders_v2" AS t ("id", "customer_id", "total_amount", "status", "note", "created_at") OVERRIDING SYSTEM VALUE
         SELECT s.* FROM bgsync_new_rows AS n,
                LATERAL (SELECT "id" AS "id", "customer_id" AS "customer_id", amount::numeric(12,2) AS "total_amount", state AS "status", "note" AS "note", "created_at" AS "created_at"
           FROM "public"."orders"
-                 WHERE ("orders"."id") = (n."id")) AS s
+                 WHERE ("orders"."id") = (n."id")
+                   AND pg_catalog.age("orders".xmin) <= 0) AS s
         ON CONFLICT ("id") DO UPDATE
            SET "customer_id" = EXCLUDED."customer_id", "total_amount" = EXCLUDED."total_amount", "status" = EXCLUDED."status", "note" = EXCLUDED."note", "created_at" = EXCLUDED."created_at";
     ELSIF TG_OP = 'DELETE' THEN
         DELETE FROM "public"."orders_v2" AS t
          USING (SELECT o."id" FROM bgsync_old_rows AS o
                  WHERE NOT EXISTS (SELECT FROM "public"."orders" AS s
-                            WHERE (s."id") = (o."id")) OFFSET 0) AS o
+                            WHERE (s."id") = (o."id")
+                              AND pg_catalog.age(s.xmin) <= 0) OFFSET 0) AS o
          WHERE (t."id") = (o."id");
     ELSIF TG_OP = 'TRUNCATE' THEN
         TRUNCATE "public"."orders_v2";

@@ -129,7 +129,8 @@ BEGIN
         UNION ALL
         SELECT o."id" FROM bgsync_old_rows AS o
          WHERE NOT EXISTS (SELECT FROM "public"."orders" AS s
-                            WHERE (s."id") = (o."id"));
+                            WHERE (s."id") = (o."id")
+                              AND pg_catalog.age(s.xmin) <= 0);
     WHEN 'DELETE' THEN
         INSERT INTO "bgsync"."orders_v2_log" ("id")
         SELECT "id" FROM bgsync_old_rows;
