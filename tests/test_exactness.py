@@ -81,6 +81,27 @@ def test_repeatable_read_writer_older_than_the_backfill_leaves_no_ghost(dsn: str
     assert doc_diff(dsn, "doc_old", "doc") == []
 
 
+def test_repeatable_read_writer_older_than_the_backfill_that_ended_before_verify(dsn: str, tmp_path: Path) -> None:
+    """The same writer, committed before verify begins: nothing is left to wait for, and the row it left
+    behind in green is found by the comparison and repaired."""
+    setup(dsn, DOC)
+    plan = write_plan(tmp_path, DOC_PLAN)
+    run_ok(dsn, "prepare", str(plan))
+    with psycopg.connect(dsn, application_name="rr app") as app:
+        app.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+        app.execute("SELECT count(*) FROM public.doc")          # the snapshot is taken here
+        run_ok(dsn, "backfill", str(plan))
+        app.execute("DELETE FROM public.doc WHERE id = 7")
+        app.commit()
+    found = bgsync(dsn, "verify", str(plan), "--json")
+    assert found.code == 1, found.err
+    assert "waiting for" not in found.err
+    assert [(m["kind"], m["key"]) for m in json.loads(found.out)["mismatches"]] == [("extra_in_green", ["7"])]
+    repaired = bgsync(dsn, "verify", str(plan), "--repair")
+    assert repaired.code == 0, repaired.out + repaired.err
+    assert doc_diff(dsn) == []
+
+
 # -- 2. one statement, several events on one key -----------------------------------------------
 MULTI_EVENT = [
     # delete a key and move another row onto it
