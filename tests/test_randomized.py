@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import os
 import random
+import re
 import threading
 import time
 from collections import Counter
@@ -260,3 +261,63 @@ def test_randomized_writers_through_every_phase(dsn: str, tmp_path: Path, seed: 
     writes = facts["writes"]
     assert isinstance(writes, dict) and sum(writes.values()) > 20, facts
     print(f"[seed {seed}] {facts}")
+
+
+WINDOW_SEEDS = max(1, SEEDS // 5)      # 4 in CI; BGSYNC_SEEDS=200 runs 40
+
+
+class _OnTable:
+    """A connection whose statements name another table in place of public.acct."""
+
+    def __init__(self, conn: psycopg.Connection[tuple[object, ...]], table: str) -> None:
+        self.conn, self.table = conn, table
+
+    def execute(self, query: str, params: list[object] | None = None) -> psycopg.Cursor[tuple[object, ...]]:
+        return self.conn.execute(re.sub(r"public\.acct\b", f"public.{self.table}", query), params)
+
+
+@dataclass
+class GreenWriters(Writers):
+    """The same random writers, on green (the second release's table in the window of expose)."""
+
+    def statement(self, conn: psycopg.Connection[tuple[object, ...]], rng: random.Random, keys: set[int]) -> str:
+        return super().statement(_OnTable(conn, "acct_v2"), rng, keys)  # type: ignore[arg-type]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", range(1, WINDOW_SEEDS + 1))
+def test_randomized_writers_on_both_sides_of_the_two_way_window(dsn: str, tmp_path: Path, seed: int) -> None:
+    """Writers at every isolation level on blue and on green at once, in the window of expose: an
+    independent EXCEPT ALL, taken while they write, is empty every time; then cutover and rollback."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("DROP SCHEMA IF EXISTS bgsync CASCADE")
+        conn.execute("DROP SCHEMA IF EXISTS v_blue CASCADE")
+        conn.execute("DROP SCHEMA IF EXISTS v_green CASCADE")
+        conn.execute("DROP TABLE IF EXISTS public.acct, public.acct_v2, public.acct_old")
+        conn.execute(SCHEMA)
+    plan = tmp_path / f"window-{seed}.yaml"
+    plan.write_text(yaml.safe_dump({**PLAN, "versions": {"blue": "v_blue", "green": "v_green"},
+                                    "backfill": {**PLAN["backfill"], "mode": "bulk" if seed % 2 else "direct"}}))
+    options = commands.Options(dsn=dsn)
+    commands.prepare(options, plan)
+    commands.backfill(options, plan)
+    assert _verify(options, plan) or _verify(options, plan, repair=True)
+    commands.expose(options, plan)
+    blue = Writers(dsn, seed).start()
+    green = GreenWriters(dsn, seed + 1000, keys=itertools.count(5_000_000)).start()
+    try:
+        for check in range(8):
+            time.sleep(0.5)
+            assert text_diff(dsn, BLUE.format("acct"), GREEN.format("acct_v2")) == [], f"check {check}"
+    finally:
+        blue.finish()
+        green.finish()
+    assert blue.errors == [] and green.errors == [], (blue.errors[:3], green.errors[:3])
+    assert sum(blue.counts.values()) > 20 and sum(green.counts.values()) > 20, (blue.counts, green.counts)
+    assert text_diff(dsn, BLUE.format("acct"), GREEN.format("acct_v2")) == []
+    commands.cutover(options, plan)
+    assert text_diff(dsn, BLUE.format("acct_old"), GREEN.format("acct")) == []
+    commands.rollback(options, plan)
+    assert text_diff(dsn, BLUE.format("acct"), GREEN.format("acct_v2")) == []
+    print(f"[window seed {seed}] blue {dict(blue.counts)} {dict(blue.expected)}; "
+          f"green {dict(green.counts)} {dict(green.expected)}")
