@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +56,9 @@ def doc_diff(dsn: str, blue: str = "doc", green: str = "doc_v2") -> list[tuple[o
 
 
 # -- 1. a REPEATABLE READ writer whose snapshot predates the backfill ------------------------------
-def test_repeatable_read_writer_older_than_the_backfill_leaves_no_ghost(dsn: str, tmp_path: Path) -> None:
+@contextmanager
+def rr_app_older_than_the_backfill(dsn: str, tmp_path: Path) -> Iterator[tuple[Path, psycopg.Connection[Any]]]:
+    """A REPEATABLE READ session ("rr app") whose snapshot was taken before the backfill ran: (plan, session)."""
     setup(dsn, DOC)
     plan = write_plan(tmp_path, DOC_PLAN)
     run_ok(dsn, "prepare", str(plan))
@@ -62,6 +66,11 @@ def test_repeatable_read_writer_older_than_the_backfill_leaves_no_ghost(dsn: str
         app.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
         app.execute("SELECT count(*) FROM public.doc")          # the snapshot is taken here
         run_ok(dsn, "backfill", str(plan))
+        yield plan, app
+
+
+def test_repeatable_read_writer_older_than_the_backfill_leaves_no_ghost(dsn: str, tmp_path: Path) -> None:
+    with rr_app_older_than_the_backfill(dsn, tmp_path) as (plan, app):
         proc = spawn_bgsync(dsn, "verify", str(plan), "--json")
         # verify sees a session whose snapshot is older than the backfill, names it and waits
         wait_for(lambda: bool(scalar(dsn, "SELECT count(*) FROM bgsync.events WHERE phase = 'verify' "
@@ -84,13 +93,7 @@ def test_repeatable_read_writer_older_than_the_backfill_leaves_no_ghost(dsn: str
 def test_repeatable_read_writer_older_than_the_backfill_that_ended_before_verify(dsn: str, tmp_path: Path) -> None:
     """The same writer, committed before verify begins: nothing is left to wait for, and the row it left
     behind in green is found by the comparison and repaired."""
-    setup(dsn, DOC)
-    plan = write_plan(tmp_path, DOC_PLAN)
-    run_ok(dsn, "prepare", str(plan))
-    with psycopg.connect(dsn, application_name="rr app") as app:
-        app.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
-        app.execute("SELECT count(*) FROM public.doc")          # the snapshot is taken here
-        run_ok(dsn, "backfill", str(plan))
+    with rr_app_older_than_the_backfill(dsn, tmp_path) as (plan, app):
         app.execute("DELETE FROM public.doc WHERE id = 7")
         app.commit()
     found = bgsync(dsn, "verify", str(plan), "--json")

@@ -200,16 +200,22 @@ def _unexplained(dsn: str, writers: Writers) -> set[int]:
     return differing - named
 
 
-def _lifecycle(dsn: str, tmp_path: Path, seed: int) -> dict[str, object]:
-    rng = random.Random(seed)
+def _fresh_plan(dsn: str, plan: Path, seed: int, **fields: object) -> str:
+    """A fresh acct table (nothing of an earlier run left) and its plan; odd seeds run the backfill in
+    bulk mode (change log, then the switch), even seeds in direct mode. The mode."""
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("DROP SCHEMA IF EXISTS bgsync CASCADE")
         conn.execute("DROP TABLE IF EXISTS public.acct, public.acct_v2, public.acct_old")
         conn.execute(SCHEMA)
-    plan = tmp_path / f"acct-{seed}.yaml"
-    # odd seeds run the backfill in bulk mode (change log, then the switch), even seeds in direct mode
     mode = "bulk" if seed % 2 else "direct"
-    plan.write_text(yaml.safe_dump({**PLAN, "backfill": {**PLAN["backfill"], "mode": mode}}))
+    plan.write_text(yaml.safe_dump({**PLAN, "backfill": {**PLAN["backfill"], "mode": mode}, **fields}))
+    return mode
+
+
+def _lifecycle(dsn: str, tmp_path: Path, seed: int) -> dict[str, object]:
+    rng = random.Random(seed)
+    plan = tmp_path / f"acct-{seed}.yaml"
+    mode = _fresh_plan(dsn, plan, seed)
     options = commands.Options(dsn=dsn)
     writers = Writers(dsn, seed).start()
     facts: dict[str, object] = {"seed": seed, "mode": mode}
@@ -289,15 +295,8 @@ class GreenWriters(Writers):
 def test_randomized_writers_on_both_sides_of_the_two_way_window(dsn: str, tmp_path: Path, seed: int) -> None:
     """Writers at every isolation level on blue and on green at once, in the window of expose: an
     independent EXCEPT ALL, taken while they write, is empty every time; then cutover and rollback."""
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute("DROP SCHEMA IF EXISTS bgsync CASCADE")
-        conn.execute("DROP SCHEMA IF EXISTS v_blue CASCADE")
-        conn.execute("DROP SCHEMA IF EXISTS v_green CASCADE")
-        conn.execute("DROP TABLE IF EXISTS public.acct, public.acct_v2, public.acct_old")
-        conn.execute(SCHEMA)
     plan = tmp_path / f"window-{seed}.yaml"
-    plan.write_text(yaml.safe_dump({**PLAN, "versions": {"blue": "v_blue", "green": "v_green"},
-                                    "backfill": {**PLAN["backfill"], "mode": "bulk" if seed % 2 else "direct"}}))
+    _fresh_plan(dsn, plan, seed, versions={"blue": "v_blue", "green": "v_green"})   # rollback drops the schemas
     options = commands.Options(dsn=dsn)
     commands.prepare(options, plan)
     commands.backfill(options, plan)
