@@ -152,8 +152,6 @@ class SyncSpec:
     search_path: list[str]
     settings: dict[str, str] = field(default_factory=dict)
     two_way: bool = False            # the window of `expose`: both directions on, loop-guarded
-    direction: str = "forward"
-    other: str = "reverse"
     # in the window, the other direction's mapping (source column, SQL expression over a target row): a
     # mirrored row is mapped back and written to the source where a trigger of the target changed it
     back_columns: list[tuple[str, str]] = field(default_factory=list)
@@ -190,7 +188,7 @@ def reverse_sync(spec: MigrationSpec, live: QualifiedName, *, target: QualifiedN
                     target_key=spec.blue_key, source_key=spec.green_key,
                     triggers={op: f"bgsync_{spec.name}_rev_{op}" for op in ("ins", "upd", "del", "trunc")},
                     search_path=spec.search_path, settings=spec.settings, two_way=two_way,
-                    direction="reverse", other="forward", back_columns=_forward_columns(spec) if two_way else [])
+                    back_columns=_forward_columns(spec) if two_way else [])
 
 
 def _forward_columns(spec: MigrationSpec) -> list[tuple[str, str]]:

@@ -145,27 +145,27 @@ CREATE TRIGGER "bgsync_orders_v2_fwd_ins" AFTER INSERT ON "public"."orders"
     REFERENCING NEW TABLE AS bgsync_new_rows
     FOR EACH STATEMENT
     -- not called for the statements either direction of the sync runs itself (the window of expose)
-    WHEN (coalesce(current_setting('bgsync.mirror', true), '') NOT IN ('forward:' || pg_trigger_depth(), 'reverse:' || pg_trigger_depth()))
+    WHEN (pg_catalog.current_setting('bgsync.mirror', true) IS DISTINCT FROM pg_catalog.pg_trigger_depth()::text)
     EXECUTE FUNCTION "bgsync"."orders_v2_forward"();
 -- forward sync trigger for UPDATE (including key changes)
 CREATE TRIGGER "bgsync_orders_v2_fwd_upd" AFTER UPDATE ON "public"."orders"
     REFERENCING OLD TABLE AS bgsync_old_rows NEW TABLE AS bgsync_new_rows
     FOR EACH STATEMENT
     -- not called for the statements either direction of the sync runs itself (the window of expose)
-    WHEN (coalesce(current_setting('bgsync.mirror', true), '') NOT IN ('forward:' || pg_trigger_depth(), 'reverse:' || pg_trigger_depth()))
+    WHEN (pg_catalog.current_setting('bgsync.mirror', true) IS DISTINCT FROM pg_catalog.pg_trigger_depth()::text)
     EXECUTE FUNCTION "bgsync"."orders_v2_forward"();
 -- forward sync trigger for DELETE
 CREATE TRIGGER "bgsync_orders_v2_fwd_del" AFTER DELETE ON "public"."orders"
     REFERENCING OLD TABLE AS bgsync_old_rows
     FOR EACH STATEMENT
     -- not called for the statements either direction of the sync runs itself (the window of expose)
-    WHEN (coalesce(current_setting('bgsync.mirror', true), '') NOT IN ('forward:' || pg_trigger_depth(), 'reverse:' || pg_trigger_depth()))
+    WHEN (pg_catalog.current_setting('bgsync.mirror', true) IS DISTINCT FROM pg_catalog.pg_trigger_depth()::text)
     EXECUTE FUNCTION "bgsync"."orders_v2_forward"();
 -- forward sync trigger for TRUNCATE
 CREATE TRIGGER "bgsync_orders_v2_fwd_trunc" AFTER TRUNCATE ON "public"."orders"
     FOR EACH STATEMENT
     -- not called for the statements either direction of the sync runs itself (the window of expose)
-    WHEN (coalesce(current_setting('bgsync.mirror', true), '') NOT IN ('forward:' || pg_trigger_depth(), 'reverse:' || pg_trigger_depth()))
+    WHEN (pg_catalog.current_setting('bgsync.mirror', true) IS DISTINCT FROM pg_catalog.pg_trigger_depth()::text)
     EXECUTE FUNCTION "bgsync"."orders_v2_forward"();
 -- keep the forward sync ins trigger firing under session_replication_role = replica
 ALTER TABLE "public"."orders" ENABLE ALWAYS TRIGGER "bgsync_orders_v2_fwd_ins";
