@@ -155,6 +155,9 @@ class SyncSpec:
     # in the window, the other direction's mapping (source column, SQL expression over a target row): a
     # mirrored row is mapped back and written to the source where a trigger of the target changed it
     back_columns: list[tuple[str, str]] = field(default_factory=list)
+    # the target has generated columns (known when the sync is rendered: a column of the mapping can stop
+    # being generated later, never start; a column added later is outside the mapping)
+    target_generated: bool = False
 
     @property
     def target_columns(self) -> list[str]:
@@ -176,7 +179,8 @@ def forward_sync(spec: MigrationSpec, *, source: QualifiedName | None = None, ta
     return SyncSpec(function=spec.forward_function, source=source or spec.blue, target=target or spec.green,
                     columns=_forward_columns(spec), target_key=spec.green_key, source_key=spec.blue_key,
                     triggers=spec.triggers, search_path=spec.search_path, settings=spec.settings, two_way=two_way,
-                    back_columns=_reverse_columns(spec) if two_way else [])
+                    back_columns=_reverse_columns(spec) if two_way else [],
+                    target_generated=any(c.generated for c in spec.columns))
 
 
 def reverse_sync(spec: MigrationSpec, live: QualifiedName, *, target: QualifiedName | None = None,
@@ -188,7 +192,7 @@ def reverse_sync(spec: MigrationSpec, live: QualifiedName, *, target: QualifiedN
                     target_key=spec.blue_key, source_key=spec.green_key,
                     triggers={op: f"bgsync_{spec.name}_rev_{op}" for op in ("ins", "upd", "del", "trunc")},
                     search_path=spec.search_path, settings=spec.settings, two_way=two_way,
-                    back_columns=_forward_columns(spec) if two_way else [])
+                    back_columns=_forward_columns(spec) if two_way else [], target_generated=bool(spec.blue_generated))
 
 
 def _forward_columns(spec: MigrationSpec) -> list[tuple[str, str]]:

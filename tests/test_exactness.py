@@ -364,6 +364,49 @@ def test_identity_generated_domain_and_enum_columns_never_fail_a_write(dsn: str,
         conn.execute("INSERT INTO public.items (seq, qty, price) VALUES (1, 1, 1)")
 
 
+
+def test_generated_columns_and_a_before_trigger_in_the_two_way_window(dsn: str, tmp_path: Path) -> None:
+    """Both tables have a generated column, so the window's bounce is on at every statement without reading
+    the catalog (decided when the sync is rendered): what a BEFORE trigger on green changes in the rows
+    mirrored into it comes back to blue, before cutover and after it."""
+    setup(dsn, KINDS + """
+CREATE FUNCTION public.shout() RETURNS trigger LANGUAGE plpgsql AS
+$$ BEGIN NEW.label := upper(NEW.label); RETURN NEW; END $$;
+""")
+    plan_file = tmp_path / "items.yaml"
+    run_ok(dsn, "init", "public.items", "-o", str(plan_file))
+    plan = yaml.safe_load(plan_file.read_text())
+    plan["versions"] = {"blue": "items_app_v1", "green": "items_app_v2"}
+    plan_file.write_text(yaml.safe_dump(plan, sort_keys=False))
+    for command in ("prepare", "backfill", "verify", "expose"):
+        run_ok(dsn, command, str(plan_file))
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE TRIGGER shout BEFORE INSERT OR UPDATE ON public.items_v2 "
+                     "FOR EACH ROW EXECUTE FUNCTION public.shout()")
+
+    def write(view: str, label: str, offset: int) -> None:
+        """Through a release's view (both draw ids from one sequence); `offset` keeps re-keyed ids apart."""
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(f"INSERT INTO {view} (qty, price, label) VALUES (2, 3, %s)", [label])
+            conn.execute(f"UPDATE {view} SET price = price + 1, label = %s WHERE id %% 7 = 0", [label])
+            conn.execute(f"UPDATE {view} SET id = id + {offset} WHERE id % 13 = 0 AND id < 100000")
+            conn.execute(f"DELETE FROM {view} WHERE id % 17 = 0")
+
+    for phase, (blue, green) in enumerate((("items", "items_v2"), ("items_old", "items"))):
+        if phase:
+            run_ok(dsn, "cutover", str(plan_file))
+        write("items_app_v1.items", f"blue {phase}", 100000 * (2 * phase + 1))
+        assert text_diff(dsn, ITEMS_BLUE.format(blue), ITEMS_GREEN.format(green)) == []
+        bounced = scalar(dsn, f"SELECT count(*) FROM public.{blue} WHERE label = upper(%s)", [f"blue {phase}"])
+        assert isinstance(bounced, int) and bounced > 1     # green's trigger changed them, and blue has that
+        write("items_app_v2.items", f"green {phase}", 100000 * (2 * phase + 2))
+        assert text_diff(dsn, ITEMS_BLUE.format(blue), ITEMS_GREEN.format(green)) == []
+    run_ok(dsn, "rollback", str(plan_file))
+    with psycopg.connect(dsn, autocommit=True) as conn:    # one way again: nothing comes back from green
+        conn.execute("DROP TRIGGER shout ON public.items_v2")
+        conn.execute("UPDATE public.items SET label = 'after rollback' WHERE id % 5 = 0")
+    assert text_diff(dsn, ITEMS_BLUE.format("items"), ITEMS_GREEN.format("items_v2")) == []
+
 # -- 4 and 5. the checksum is not linear; equal is not identical ---------------------------------
 VALUES_TABLE = """
 CREATE TABLE public.vals (id int PRIMARY KEY, name text, amount int, amount2 int, n numeric, f float8,

@@ -161,9 +161,16 @@ MUTANTS = [
            ("tests/test_exactness.py", "-k", "several_events_on_one_key_in_the_two_way_window")),
     Mutant("window_no_bounce", "the window never maps back what a BEFORE trigger of the target changed",
            "sql_templates/_sync.sql.j2",
-           (("{% macro bounce_rule() %}\n{%- if sync.back_update_columns -%}",
-             "{% macro bounce_rule() %}\n{%- if false -%}"),),
+           (("{% macro bounce_rule() %}\n{%- if sync.back_update_columns and sync.target_generated -%}\ntrue"
+             "\n{%- elif sync.back_update_columns -%}",
+             "{% macro bounce_rule() %}\n{%- if false -%}\ntrue\n{%- elif false -%}"),),
            ("tests/test_expose.py", "-k", "user_trigger")),
+    Mutant("window_generated_target_no_bounce", "where the target has generated columns (the bounce decided when "
+           "the sync is rendered), the window never maps back what a BEFORE trigger of the target changed",
+           "sql_templates/_sync.sql.j2",
+           (("{%- if sync.back_update_columns and sync.target_generated -%}\ntrue",
+             "{%- if sync.back_update_columns and sync.target_generated -%}\nfalse"),),
+           ("tests/test_exactness.py", "-k", "generated_columns_and_a_before_trigger")),
     Mutant("sync_joins_transition_tables", "the forward DELETE skips the old keys the new rows hold by joining "
            "the two transition tables (quadratic under a plan the session cached for one row)",
            "sql_templates/_sync.sql.j2",
