@@ -111,6 +111,10 @@ CREATE OR REPLACE FUNCTION "bgsync"."orders_v2_forward"() RETURNS trigger
 LANGUAGE plpgsql
 SECURITY DEFINER
 SET search_path = "pg_catalog", "public", "pg_temp"
+SET enable_hashjoin = off
+SET enable_mergejoin = off
+SET enable_seqscan = off
+SET jit = off
 AS $bgsync$
 BEGIN
     -- every key a statement touches (both keys of a re-keyed row) is re-read from blue before the switch
@@ -441,6 +445,10 @@ SELECT (SELECT count(*) FROM taken) AS keys_taken, (SELECT count(*) FROM written
 CREATE OR REPLACE FUNCTION "bgsync"."orders_v2_forward"() RETURNS trigger
 LANGUAGE plpgsql
 SET search_path = "pg_catalog", "public", "pg_temp"
+SET enable_hashjoin = off
+SET enable_mergejoin = off
+SET enable_seqscan = off
+SET jit = off
 AS $bgsync$
 BEGIN
     IF TG_OP = 'INSERT' THEN
@@ -647,6 +655,10 @@ ALTER INDEX "public"."orders_v2_customer_id_idx" RENAME TO "orders_customer_id_i
 CREATE OR REPLACE FUNCTION "bgsync"."orders_v2_reverse"() RETURNS trigger
 LANGUAGE plpgsql
 SET search_path = "pg_catalog", "public", "pg_temp"
+SET enable_hashjoin = off
+SET enable_mergejoin = off
+SET enable_seqscan = off
+SET jit = off
 AS $bgsync$
 BEGIN
     IF TG_OP = 'INSERT' THEN
@@ -844,6 +856,10 @@ ALTER SEQUENCE "public"."orders_old_id_seq" RENAME TO "orders_id_seq";
 CREATE OR REPLACE FUNCTION "bgsync"."orders_v2_forward"() RETURNS trigger
 LANGUAGE plpgsql
 SET search_path = "pg_catalog", "public", "pg_temp"
+SET enable_hashjoin = off
+SET enable_mergejoin = off
+SET enable_seqscan = off
+SET jit = off
 AS $bgsync$
 BEGIN
     IF TG_OP = 'INSERT' THEN

@@ -116,6 +116,10 @@ CREATE OR REPLACE FUNCTION "bgsync"."orders_v2_forward"() RETURNS trigger
 LANGUAGE plpgsql
 SECURITY DEFINER
 SET search_path = "pg_catalog", "public", "pg_temp"
+SET enable_hashjoin = off
+SET enable_mergejoin = off
+SET enable_seqscan = off
+SET jit = off
 AS $bgsync$
 BEGIN
     -- every key a statement touches (both keys of a re-keyed row) is re-read from blue before the switch
