@@ -171,6 +171,11 @@ MUTANTS = [
            (("{%- if sync.back_update_columns and sync.target_generated -%}\ntrue",
              "{%- if sync.back_update_columns and sync.target_generated -%}\nfalse"),),
            ("tests/test_exactness.py", "-k", "generated_columns_and_a_before_trigger")),
+    Mutant("sync_plans_for_size", "the sync's plans follow the size of the statement that first ran them (hash "
+           "joins over whole tables, JIT), as PL/pgSQL caches them for the session",
+           "sql_templates/_sync.sql.j2",
+           (("SET enable_hashjoin = off\nSET enable_mergejoin = off\nSET enable_seqscan = off\nSET jit = off\n", ""),),
+           ("tests/test_sync_plans.py", "-k", "many_rows")),
     Mutant("sync_joins_transition_tables", "the forward DELETE skips the old keys the new rows hold by joining "
            "the two transition tables (quadratic under a plan the session cached for one row)",
            "sql_templates/_sync.sql.j2",
