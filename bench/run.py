@@ -143,23 +143,58 @@ def verify_figure(dsn: str, rows: int, workers: int, repeat: int) -> Figure:
                         "one SELECT ... EXCEPT ALL ... (both directions)", theirs, 1.0)
 
 
-def bulk_update_figure(dsn: str, repeat: int) -> Figure:
-    """In a session that first updated one row, as an application's pooled session does: the sync
-    function's plans are cached for one-row transition tables, and the bulk UPDATE runs with them."""
-    ours: list[float] = []
-    theirs: list[float] = []
+FLOOR_TRIGGER = """
+CREATE FUNCTION orders_floor_sync() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE orders_floor_v2 AS t
+       SET customer_id = n.customer_id, amount = n.amount, state = n.state, note = n.note,
+           created_at = n.created_at
+      FROM bgsync_new_rows AS n
+     WHERE t.id = n.id;
+    RETURN NULL;
+END $$;
+CREATE TRIGGER orders_floor_sync AFTER UPDATE ON orders_floor REFERENCING NEW TABLE AS bgsync_new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION orders_floor_sync();
+"""
+
+
+def floor_tables(dsn: str) -> None:
+    """The least a statement trigger can do to keep green current under an UPDATE: one UPDATE of green's rows
+    from the transition table. Not exact (a key change, a row another trigger changed after the statement,
+    a row green lacks are all missed): a measuring aid, on copies of blue and green with their indexes."""
     with psycopg.connect(dsn, autocommit=True) as conn:
-        for table in ("orders_plain", "orders"):
+        conn.execute("CREATE TABLE orders_floor (LIKE orders_plain INCLUDING ALL)")
+        conn.execute("INSERT INTO orders_floor SELECT * FROM orders_plain")
+        conn.execute("CREATE TABLE orders_floor_v2 (LIKE orders_v2 INCLUDING ALL)")
+        conn.execute("INSERT INTO orders_floor_v2 SELECT * FROM orders_v2")
+        conn.execute(FLOOR_TRIGGER)
+        conn.execute("VACUUM ANALYZE orders_floor, orders_floor_v2")
+
+
+def bulk_update_figures(dsn: str, repeat: int) -> list[Figure]:
+    """In a session that first updated one row, as an application's pooled session does: the sync
+    function's plans are cached for one-row transition tables, and the bulk UPDATE runs with them. The
+    floor (for information) is the same UPDATE on copies with the least trigger (`floor_tables`)."""
+    floor_tables(dsn)
+    times: dict[str, list[float]] = {"orders_plain": [], "orders": [], "orders_floor": []}
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for table in times:
             conn.execute(f"UPDATE {table} SET note = note WHERE id = 1")
         for round_ in range(repeat):
-            for table, times in (("orders_plain", theirs), ("orders", ours)):
+            for table, spent in times.items():
                 statement = f"UPDATE {table} SET note = 'bulk {round_}', amount = amount + 1 WHERE id % 10 = {round_}"
                 conn.execute("CHECKPOINT")
                 started = time.perf_counter()
                 conn.execute(statement)
-                times.append(time.perf_counter() - started)
-    return ratio_figure("bulk UPDATE of 10% of rows, forward sync on", ours, "the same UPDATE, no trigger",
-                        theirs, 2.0)
+                spent.append(time.perf_counter() - started)
+        conn.execute("DROP TABLE orders_floor, orders_floor_v2")
+        conn.execute("DROP FUNCTION orders_floor_sync()")
+    floor = ratio_figure("for information: the same bulk UPDATE, green kept by the least statement trigger "
+                         "(one UPDATE of green from the transition table; not exact)",
+                         times["orders_floor"], "the same UPDATE, no trigger", times["orders_plain"], 2.0)
+    return [ratio_figure("bulk UPDATE of 10% of rows, forward sync on", times["orders"],
+                         "the same UPDATE, no trigger", times["orders_plain"], 2.0),
+            Figure(floor.name, floor.measured, floor.reference, floor.ratio, "-", None)]
 
 
 def pgbench() -> str | None:
@@ -344,7 +379,7 @@ def orders_figures(admin: str, args: argparse.Namespace) -> list[Figure]:
     log.info("orders: verify figure")
     figures.append(verify_figure(dsn, args.rows, args.workers, args.repeat))
     log.info("orders: bulk update figure")
-    figures.append(bulk_update_figure(dsn, args.repeat))
+    figures += bulk_update_figures(dsn, args.repeat)
     log.info("orders: OLTP figure (pgbench)")
     figures.append(oltp_figure(dsn, args.rows, args.oltp_seconds, args.repeat,
                                "single-row OLTP writes (UPDATE + INSERT), forward sync on", 0.85))
