@@ -16,8 +16,8 @@ Sections (DESIGN.md, "Performance protocol"; issue 14):
 - wide (--wide-rows, default N/5 up to 2M): exact verify against one one-way EXCEPT ALL;
 - orders (the sample plan orders_numeric): backfill against INSERT ... SELECT, verify against a
   two-way EXCEPT ALL, bulk UPDATE and single-row OLTP with the sync on (forward; two-way window of
-  `expose`) against no trigger, and the longest stall of concurrent writers at expose, cutover,
-  rollback and finalize.
+  `expose`) against no trigger (and the bulk UPDATE's floor: the least statement trigger), and the
+  longest stall of concurrent writers at expose, cutover, rollback and finalize.
 """
 
 from __future__ import annotations
