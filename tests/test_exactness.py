@@ -303,6 +303,47 @@ def test_repeatable_read_writer_reusing_a_key_another_transaction_deleted(dsn: s
     assert doc_diff(dsn, "doc_old", "doc") == []
 
 
+SHOUT = """
+CREATE FUNCTION public.shout_body() RETURNS trigger LANGUAGE plpgsql AS
+$$ BEGIN NEW.body := upper(NEW.body); RETURN NEW; END $$;
+CREATE TRIGGER shout_body BEFORE INSERT OR UPDATE ON public.doc_v2 FOR EACH ROW EXECUTE FUNCTION public.shout_body();
+"""
+
+
+@pytest.mark.parametrize("isolation", ["read committed", "repeatable read"])
+@pytest.mark.parametrize("mode", ["direct", "window"])
+def test_a_trigger_created_after_a_writer_began_is_honoured(dsn: str, tmp_path: Path, mode: str,
+                                                            isolation: str) -> None:
+    """Triggers created after a writer's session cached the sync's plans, and after a REPEATABLE READ
+    writer took its snapshot (which does not show them in pg_trigger), still decide what the sync does:
+    a user's AFTER ROW trigger on blue changes the rows the statement wrote (green gets them as changed),
+    and in the window a BEFORE trigger on green changes mirrored rows (blue gets them back)."""
+    setup(dsn, DOC)
+    versions = {"versions": {"blue": "doc_old_release", "green": "doc_new_release"}} if mode == "window" else {}
+    plan = write_plan(tmp_path, {**DOC_PLAN, "backfill": {**DOC_PLAN["backfill"], "mode": "direct"}, **versions})
+    for command in ("prepare", "backfill", "verify", *(["expose"] if mode == "window" else [])):
+        run_ok(dsn, command, str(plan))
+    with psycopg.connect(dsn) as app, psycopg.connect(dsn, autocommit=True) as other:
+        app.execute("UPDATE public.doc SET body = 'warm ' || id WHERE id <= 20")     # plans cached in this session
+        app.execute("INSERT INTO public.doc (id, body, n) VALUES (4001, 'warm', 1)")
+        app.commit()
+        app.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ if isolation == "repeatable read" else None
+        assert app.execute("SELECT current_setting('transaction_isolation')").fetchone() == (isolation,)
+        other.execute(AFTER_WRITE_TRIGGERS.format(t="doc"))
+        if mode == "window":
+            other.execute(SHOUT)
+        app.execute("UPDATE public.doc SET body = 'changed ' || id WHERE id BETWEEN 100 AND 140")
+        app.execute("INSERT INTO public.doc (id, body, n) SELECT g, 'new ' || g, g FROM generate_series(5001, 5030) g")
+        app.execute("UPDATE public.doc SET body = 'drop me' WHERE id BETWEEN 200 AND 204")
+        app.commit()
+    assert scalar(dsn, "SELECT n FROM public.doc WHERE id = 120") == 1000120           # the AFTER ROW trigger ran
+    assert scalar(dsn, "SELECT n FROM public.doc WHERE id = 5010") == 1005010
+    assert scalar(dsn, "SELECT count(*) FROM public.doc WHERE id BETWEEN 200 AND 204") == 0
+    if mode == "window":                                                             # and green's BEFORE trigger
+        assert scalar(dsn, "SELECT body FROM public.doc WHERE id = 120") == "CHANGED 120"
+    assert doc_diff(dsn) == []
+
+
 def _offset(statement: str, offset: int) -> str:
     """The statement on keys `offset` higher (ids 11..16 and 9015/9016 become 111..116 and 9115/9116)."""
     return re.sub(r"\b(1[1-6]|901[56])\b", lambda key: str(int(key.group()) + offset), statement)

@@ -184,13 +184,19 @@ MUTANTS = [
              "({{ sync.source_key|idents('n.') }}) = ({{ sync.source_key|idents('o.') }})) OFFSET 0) AS o"
              "{% endmacro %}"),),
            ("tests/test_sync_plans.py", "-k", "direct")),
-    Mutant("sync_writes_transition_rows", "the sync writes the statement's transition-table rows, not the rows "
-           "as the source holds them when it runs (a user's AFTER trigger changed them first)",
+    Mutant("sync_writes_transition_rows", "an UPDATE's sync writes the statement's transition-table rows even "
+           "where a user's trigger changed the source's rows after the statement wrote them",
            "sql_templates/_sync.sql.j2",
-           (("{% macro current() %}bgsync_new_rows AS n,",
-             "{% macro current() %}{{ mapped(sync.columns, 'bgsync_new_rows') }} AS s{% if false %}"),
-            ("AS s{% endmacro %}", "AS s{% endif %}{% endmacro %}")),
+           (("{%- set read_only = [", "false AND ({%- set read_only = ["),
+            ("{%- endfor %}))", "{%- endfor %})))")),
            ("tests/test_exactness.py", "-k", "user_triggers_that_change and direct")),
+    Mutant("catalog_read_in_an_old_snapshot", "the sync trusts pg_trigger as a REPEATABLE READ snapshot shows it, "
+           "which may predate a trigger that fires on the statement",
+           "sql_templates/_sync.sql.j2",
+           (("{% macro catalog_behind() %}pg_catalog.current_setting('transaction_isolation') IN "
+             "('repeatable read', 'serializable'){% endmacro %}",
+             "{% macro catalog_behind() %}false{% endmacro %}"),),
+           ("tests/test_exactness.py", "-k", "trigger_created_after_a_writer")),
     Mutant("sync_reads_rows_of_other_transactions", "the sync's reads of the source by key also count a row another "
            "transaction deleted after a REPEATABLE READ snapshot (the snapshot still shows it)",
            "sql_templates/_sync.sql.j2",

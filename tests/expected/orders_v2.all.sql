@@ -450,6 +450,8 @@ SET enable_mergejoin = off
 SET enable_seqscan = off
 SET jit = off
 AS $bgsync$
+DECLARE
+    rewritten boolean;      -- UPDATE: the source's rows may differ from the ones the statement wrote
 BEGIN
     IF TG_OP = 'INSERT' THEN
         INSERT INTO "public"."orders_v2" AS t ("id", "customer_id", "total_amount", "status", "note", "created_at") OVERRIDING SYSTEM VALUE
@@ -461,21 +463,47 @@ BEGIN
         ON CONFLICT ("id") DO UPDATE
            SET "customer_id" = EXCLUDED."customer_id", "total_amount" = EXCLUDED."total_amount", "status" = EXCLUDED."status", "note" = EXCLUDED."note", "created_at" = EXCLUDED."created_at";
     ELSIF TG_OP = 'UPDATE' THEN
-        -- rows whose key changed leave their old key behind in the target, unless the source holds it again
-        DELETE FROM "public"."orders_v2" AS t
-         USING (SELECT o."id" FROM bgsync_old_rows AS o
+        -- rows whose key changed leave their old key behind in the target, unless the source holds it again;
+        -- the same statement tells whether the rows may have changed since the statement wrote them (an
+        -- UPDATE of many rows then reads its transition table alone: re-reading the source by key was a
+        -- third of the cost of a bulk UPDATE)
+        WITH left_behind AS (
+            DELETE FROM "public"."orders_v2" AS t
+             USING (SELECT o."id" FROM bgsync_old_rows AS o
                  WHERE NOT EXISTS (SELECT FROM "public"."orders" AS s
                             WHERE (s."id") = (o."id")
                               AND pg_catalog.age(s.xmin) <= 0) OFFSET 0) AS o
-         WHERE (t."id") = (o."id");
-        INSERT INTO "public"."orders_v2" AS t ("id", "customer_id", "total_amount", "status", "note", "created_at") OVERRIDING SYSTEM VALUE
-        SELECT s.* FROM bgsync_new_rows AS n,
-               LATERAL (SELECT "id" AS "id", "customer_id" AS "customer_id", amount::numeric(12,2) AS "total_amount", state AS "status", "note" AS "note", "created_at" AS "created_at"
-          FROM "public"."orders"
-                 WHERE ("orders"."id") = (n."id")
-                   AND pg_catalog.age("orders".xmin) <= 0) AS s
-        ON CONFLICT ("id") DO UPDATE
-           SET "customer_id" = EXCLUDED."customer_id", "total_amount" = EXCLUDED."total_amount", "status" = EXCLUDED."status", "note" = EXCLUDED."note", "created_at" = EXCLUDED."created_at";
+             WHERE (t."id") = (o."id")
+            RETURNING 1
+        )
+        SELECT pg_catalog.current_setting('transaction_isolation') IN ('repeatable read', 'serializable')
+               OR EXISTS (SELECT FROM pg_catalog.pg_trigger
+                           WHERE tgrelid = '"public"."orders"'::regclass AND tgenabled <> 'D'
+                             AND tgfoid NOT IN ('"bgsync"."orders_v2_forward"'::regproc,
+                                                '"pg_catalog"."RI_FKey_check_ins"'::regproc,
+                                                '"pg_catalog"."RI_FKey_check_upd"'::regproc,
+                                                '"pg_catalog"."RI_FKey_noaction_del"'::regproc,
+                                                '"pg_catalog"."RI_FKey_noaction_upd"'::regproc,
+                                                '"pg_catalog"."RI_FKey_restrict_del"'::regproc,
+                                                '"pg_catalog"."RI_FKey_restrict_upd"'::regproc,
+                                                '"pg_catalog"."unique_key_recheck"'::regproc))
+          INTO rewritten;
+        IF rewritten THEN
+            INSERT INTO "public"."orders_v2" AS t ("id", "customer_id", "total_amount", "status", "note", "created_at") OVERRIDING SYSTEM VALUE
+            SELECT s.* FROM bgsync_new_rows AS n,
+                   LATERAL (SELECT "id" AS "id", "customer_id" AS "customer_id", amount::numeric(12,2) AS "total_amount", state AS "status", "note" AS "note", "created_at" AS "created_at"
+              FROM "public"."orders"
+                     WHERE ("orders"."id") = (n."id")
+                       AND pg_catalog.age("orders".xmin) <= 0) AS s
+            ON CONFLICT ("id") DO UPDATE
+               SET "customer_id" = EXCLUDED."customer_id", "total_amount" = EXCLUDED."total_amount", "status" = EXCLUDED."status", "note" = EXCLUDED."note", "created_at" = EXCLUDED."created_at";
+        ELSE
+            INSERT INTO "public"."orders_v2" AS t ("id", "customer_id", "total_amount", "status", "note", "created_at") OVERRIDING SYSTEM VALUE
+            SELECT s.* FROM (SELECT "id" AS "id", "customer_id" AS "customer_id", amount::numeric(12,2) AS "total_amount", state AS "status", "note" AS "note", "created_at" AS "created_at"
+              FROM bgsync_new_rows) AS s
+            ON CONFLICT ("id") DO UPDATE
+               SET "customer_id" = EXCLUDED."customer_id", "total_amount" = EXCLUDED."total_amount", "status" = EXCLUDED."status", "note" = EXCLUDED."note", "created_at" = EXCLUDED."created_at";
+        END IF;
     ELSIF TG_OP = 'DELETE' THEN
         DELETE FROM "public"."orders_v2" AS t
          USING (SELECT o."id" FROM bgsync_old_rows AS o
@@ -660,6 +688,8 @@ SET enable_mergejoin = off
 SET enable_seqscan = off
 SET jit = off
 AS $bgsync$
+DECLARE
+    rewritten boolean;      -- UPDATE: the source's rows may differ from the ones the statement wrote
 BEGIN
     IF TG_OP = 'INSERT' THEN
         INSERT INTO "public"."orders_old" AS t ("id", "customer_id", "amount", "state", "note", "created_at") OVERRIDING SYSTEM VALUE
@@ -671,21 +701,47 @@ BEGIN
         ON CONFLICT ("id") DO UPDATE
            SET "customer_id" = EXCLUDED."customer_id", "amount" = EXCLUDED."amount", "state" = EXCLUDED."state", "note" = EXCLUDED."note", "created_at" = EXCLUDED."created_at";
     ELSIF TG_OP = 'UPDATE' THEN
-        -- rows whose key changed leave their old key behind in the target, unless the source holds it again
-        DELETE FROM "public"."orders_old" AS t
-         USING (SELECT o."id" FROM bgsync_old_rows AS o
+        -- rows whose key changed leave their old key behind in the target, unless the source holds it again;
+        -- the same statement tells whether the rows may have changed since the statement wrote them (an
+        -- UPDATE of many rows then reads its transition table alone: re-reading the source by key was a
+        -- third of the cost of a bulk UPDATE)
+        WITH left_behind AS (
+            DELETE FROM "public"."orders_old" AS t
+             USING (SELECT o."id" FROM bgsync_old_rows AS o
                  WHERE NOT EXISTS (SELECT FROM "public"."orders" AS s
                             WHERE (s."id") = (o."id")
                               AND pg_catalog.age(s.xmin) <= 0) OFFSET 0) AS o
-         WHERE (t."id") = (o."id");
-        INSERT INTO "public"."orders_old" AS t ("id", "customer_id", "amount", "state", "note", "created_at") OVERRIDING SYSTEM VALUE
-        SELECT s.* FROM bgsync_new_rows AS n,
-               LATERAL (SELECT "id" AS "id", "customer_id" AS "customer_id", round(total_amount)::integer AS "amount", "status" AS "state", "note" AS "note", "created_at" AS "created_at"
-          FROM "public"."orders"
-                 WHERE ("orders"."id") = (n."id")
-                   AND pg_catalog.age("orders".xmin) <= 0) AS s
-        ON CONFLICT ("id") DO UPDATE
-           SET "customer_id" = EXCLUDED."customer_id", "amount" = EXCLUDED."amount", "state" = EXCLUDED."state", "note" = EXCLUDED."note", "created_at" = EXCLUDED."created_at";
+             WHERE (t."id") = (o."id")
+            RETURNING 1
+        )
+        SELECT pg_catalog.current_setting('transaction_isolation') IN ('repeatable read', 'serializable')
+               OR EXISTS (SELECT FROM pg_catalog.pg_trigger
+                           WHERE tgrelid = '"public"."orders"'::regclass AND tgenabled <> 'D'
+                             AND tgfoid NOT IN ('"bgsync"."orders_v2_reverse"'::regproc,
+                                                '"pg_catalog"."RI_FKey_check_ins"'::regproc,
+                                                '"pg_catalog"."RI_FKey_check_upd"'::regproc,
+                                                '"pg_catalog"."RI_FKey_noaction_del"'::regproc,
+                                                '"pg_catalog"."RI_FKey_noaction_upd"'::regproc,
+                                                '"pg_catalog"."RI_FKey_restrict_del"'::regproc,
+                                                '"pg_catalog"."RI_FKey_restrict_upd"'::regproc,
+                                                '"pg_catalog"."unique_key_recheck"'::regproc))
+          INTO rewritten;
+        IF rewritten THEN
+            INSERT INTO "public"."orders_old" AS t ("id", "customer_id", "amount", "state", "note", "created_at") OVERRIDING SYSTEM VALUE
+            SELECT s.* FROM bgsync_new_rows AS n,
+                   LATERAL (SELECT "id" AS "id", "customer_id" AS "customer_id", round(total_amount)::integer AS "amount", "status" AS "state", "note" AS "note", "created_at" AS "created_at"
+              FROM "public"."orders"
+                     WHERE ("orders"."id") = (n."id")
+                       AND pg_catalog.age("orders".xmin) <= 0) AS s
+            ON CONFLICT ("id") DO UPDATE
+               SET "customer_id" = EXCLUDED."customer_id", "amount" = EXCLUDED."amount", "state" = EXCLUDED."state", "note" = EXCLUDED."note", "created_at" = EXCLUDED."created_at";
+        ELSE
+            INSERT INTO "public"."orders_old" AS t ("id", "customer_id", "amount", "state", "note", "created_at") OVERRIDING SYSTEM VALUE
+            SELECT s.* FROM (SELECT "id" AS "id", "customer_id" AS "customer_id", round(total_amount)::integer AS "amount", "status" AS "state", "note" AS "note", "created_at" AS "created_at"
+              FROM bgsync_new_rows) AS s
+            ON CONFLICT ("id") DO UPDATE
+               SET "customer_id" = EXCLUDED."customer_id", "amount" = EXCLUDED."amount", "state" = EXCLUDED."state", "note" = EXCLUDED."note", "created_at" = EXCLUDED."created_at";
+        END IF;
     ELSIF TG_OP = 'DELETE' THEN
         DELETE FROM "public"."orders_old" AS t
          USING (SELECT o."id" FROM bgsync_old_rows AS o
@@ -861,6 +917,8 @@ SET enable_mergejoin = off
 SET enable_seqscan = off
 SET jit = off
 AS $bgsync$
+DECLARE
+    rewritten boolean;      -- UPDATE: the source's rows may differ from the ones the statement wrote
 BEGIN
     IF TG_OP = 'INSERT' THEN
         INSERT INTO "public"."orders_v2" AS t ("id", "customer_id", "total_amount", "status", "note", "created_at") OVERRIDING SYSTEM VALUE
@@ -872,21 +930,47 @@ BEGIN
         ON CONFLICT ("id") DO UPDATE
            SET "customer_id" = EXCLUDED."customer_id", "total_amount" = EXCLUDED."total_amount", "status" = EXCLUDED."status", "note" = EXCLUDED."note", "created_at" = EXCLUDED."created_at";
     ELSIF TG_OP = 'UPDATE' THEN
-        -- rows whose key changed leave their old key behind in the target, unless the source holds it again
-        DELETE FROM "public"."orders_v2" AS t
-         USING (SELECT o."id" FROM bgsync_old_rows AS o
+        -- rows whose key changed leave their old key behind in the target, unless the source holds it again;
+        -- the same statement tells whether the rows may have changed since the statement wrote them (an
+        -- UPDATE of many rows then reads its transition table alone: re-reading the source by key was a
+        -- third of the cost of a bulk UPDATE)
+        WITH left_behind AS (
+            DELETE FROM "public"."orders_v2" AS t
+             USING (SELECT o."id" FROM bgsync_old_rows AS o
                  WHERE NOT EXISTS (SELECT FROM "public"."orders" AS s
                             WHERE (s."id") = (o."id")
                               AND pg_catalog.age(s.xmin) <= 0) OFFSET 0) AS o
-         WHERE (t."id") = (o."id");
-        INSERT INTO "public"."orders_v2" AS t ("id", "customer_id", "total_amount", "status", "note", "created_at") OVERRIDING SYSTEM VALUE
-        SELECT s.* FROM bgsync_new_rows AS n,
-               LATERAL (SELECT "id" AS "id", "customer_id" AS "customer_id", amount::numeric(12,2) AS "total_amount", state AS "status", "note" AS "note", "created_at" AS "created_at"
-          FROM "public"."orders"
-                 WHERE ("orders"."id") = (n."id")
-                   AND pg_catalog.age("orders".xmin) <= 0) AS s
-        ON CONFLICT ("id") DO UPDATE
-           SET "customer_id" = EXCLUDED."customer_id", "total_amount" = EXCLUDED."total_amount", "status" = EXCLUDED."status", "note" = EXCLUDED."note", "created_at" = EXCLUDED."created_at";
+             WHERE (t."id") = (o."id")
+            RETURNING 1
+        )
+        SELECT pg_catalog.current_setting('transaction_isolation') IN ('repeatable read', 'serializable')
+               OR EXISTS (SELECT FROM pg_catalog.pg_trigger
+                           WHERE tgrelid = '"public"."orders"'::regclass AND tgenabled <> 'D'
+                             AND tgfoid NOT IN ('"bgsync"."orders_v2_forward"'::regproc,
+                                                '"pg_catalog"."RI_FKey_check_ins"'::regproc,
+                                                '"pg_catalog"."RI_FKey_check_upd"'::regproc,
+                                                '"pg_catalog"."RI_FKey_noaction_del"'::regproc,
+                                                '"pg_catalog"."RI_FKey_noaction_upd"'::regproc,
+                                                '"pg_catalog"."RI_FKey_restrict_del"'::regproc,
+                                                '"pg_catalog"."RI_FKey_restrict_upd"'::regproc,
+                                                '"pg_catalog"."unique_key_recheck"'::regproc))
+          INTO rewritten;
+        IF rewritten THEN
+            INSERT INTO "public"."orders_v2" AS t ("id", "customer_id", "total_amount", "status", "note", "created_at") OVERRIDING SYSTEM VALUE
+            SELECT s.* FROM bgsync_new_rows AS n,
+                   LATERAL (SELECT "id" AS "id", "customer_id" AS "customer_id", amount::numeric(12,2) AS "total_amount", state AS "status", "note" AS "note", "created_at" AS "created_at"
+              FROM "public"."orders"
+                     WHERE ("orders"."id") = (n."id")
+                       AND pg_catalog.age("orders".xmin) <= 0) AS s
+            ON CONFLICT ("id") DO UPDATE
+               SET "customer_id" = EXCLUDED."customer_id", "total_amount" = EXCLUDED."total_amount", "status" = EXCLUDED."status", "note" = EXCLUDED."note", "created_at" = EXCLUDED."created_at";
+        ELSE
+            INSERT INTO "public"."orders_v2" AS t ("id", "customer_id", "total_amount", "status", "note", "created_at") OVERRIDING SYSTEM VALUE
+            SELECT s.* FROM (SELECT "id" AS "id", "customer_id" AS "customer_id", amount::numeric(12,2) AS "total_amount", state AS "status", "note" AS "note", "created_at" AS "created_at"
+              FROM bgsync_new_rows) AS s
+            ON CONFLICT ("id") DO UPDATE
+               SET "customer_id" = EXCLUDED."customer_id", "total_amount" = EXCLUDED."total_amount", "status" = EXCLUDED."status", "note" = EXCLUDED."note", "created_at" = EXCLUDED."created_at";
+        END IF;
     ELSIF TG_OP = 'DELETE' THEN
         DELETE FROM "public"."orders_v2" AS t
          USING (SELECT o."id" FROM bgsync_old_rows AS o
