@@ -349,6 +349,40 @@ def _offset(statement: str, offset: int) -> str:
     return re.sub(r"\b(1[1-6]|901[56])\b", lambda key: str(int(key.group()) + offset), statement)
 
 
+TREE = """
+CREATE TABLE public.tree (id int PRIMARY KEY, parent int REFERENCES public.tree (id) ON UPDATE CASCADE, body text);
+INSERT INTO public.tree SELECT g, CASE WHEN g > 10 THEN g % 10 + 1 END, 'b' || g FROM generate_series(1, 500) g;
+"""
+
+
+def test_a_self_referencing_key_is_named_by_validate_and_a_rekeyed_parent_fails_cleanly(dsn: str,
+                                                                                      tmp_path: Path) -> None:
+    """The README's limitation, as it is: validate names the constraint; writes that keep keys sync exactly;
+    re-keying a referenced row fails the application's statement (green's copy of the constraint sees its
+    children on a key the sync deleted) and leaves both tables as they were."""
+    setup(dsn, TREE)
+    plan = write_plan(tmp_path, {"name": "tree_v2", "source": "public.tree",
+                                 "columns": [{"name": "id", "type": "bigint", "not_null": True},
+                                             {"name": "parent", "type": "bigint"}, {"name": "body", "type": "text"}],
+                                 "backfill": {"workers": 2, "batch_rows": 100}})
+    said = bgsync(dsn, "validate", str(plan))
+    assert said.code == 0 and "foreign key tree_parent_fkey references the table itself" in said.out + said.err
+    for command in ("prepare", "backfill", "verify"):
+        run_ok(dsn, command, str(plan))
+    tree_diff = ("SELECT id::bigint, parent::bigint, body FROM public.tree",
+                 "SELECT id, parent, body FROM public.tree_v2")
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("INSERT INTO public.tree VALUES (600, NULL, 'root'), (601, 600, 'leaf')")
+        conn.execute("UPDATE public.tree SET parent = 600, body = 'moved' WHERE id BETWEEN 20 AND 40")
+        conn.execute("UPDATE public.tree SET id = id + 1000 WHERE id BETWEEN 400 AND 420")  # nobody references them
+        conn.execute("DELETE FROM public.tree WHERE id BETWEEN 300 AND 310")
+        children = scalar(dsn, "SELECT count(*) FROM public.tree WHERE parent = 1")
+        with pytest.raises(psycopg.errors.ForeignKeyViolation):
+            conn.execute("UPDATE public.tree SET id = id + 1000 WHERE id = 1")
+    assert scalar(dsn, "SELECT count(*) FROM public.tree WHERE parent = 1") == children == 44
+    assert text_diff(dsn, *tree_diff) == []
+
+
 # -- 3. identity, generated columns, domains and enums never make a write fail -------------------
 KINDS = """
 CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy');

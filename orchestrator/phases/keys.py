@@ -72,6 +72,16 @@ def keys_problems(conn: Conn, spec: MigrationSpec, blue_oid: int) -> list[str]:
     return problems
 
 
+def keys_notes(conn: Conn, blue_oid: int) -> list[str]:
+    """What `validate` tells of a foreign key of blue's that references blue itself: the sync mirrors a
+    changed key as a DELETE of the old key and a write of the new one, in two statements, so green's copy of
+    the constraint sees children on a key that is gone between them."""
+    return [f"foreign key {key.name} references the table itself: until finalize, a statement that changes a key "
+            f"other rows reference (ON UPDATE {key.on_update}, or parents and children re-keyed together) fails "
+            f"on the other table's copy of the constraint; rows whose keys never change are not affected"
+            for key in surroundings.outbound_keys(conn, blue_oid) if key.self_reference]
+
+
 def keys_to_add(conn: Conn, spec: MigrationSpec) -> list[KeyToAdd]:
     """The foreign keys green still lacks, and the shadows the child tables still lack."""
     blue_oid = catalog.regclass_oid(conn, str(spec.blue))

@@ -23,7 +23,7 @@ from orchestrator.phases.cutover import (
     view_columns_kept,
     view_queries,
 )
-from orchestrator.phases.keys import green_of, keys_problems
+from orchestrator.phases.keys import green_of, keys_notes, keys_problems
 from orchestrator.plan import Plan
 from orchestrator.render import render_steps
 from orchestrator.rewrite import index_statement, on_relation, retarget
@@ -104,7 +104,8 @@ def validate_live(conn: Conn, plan: Plan, state_schema: str) -> Validation:
     if problems:
         raise PlanError(problems)
     return Validation(plan=plan, blue=blue, spec=spec, dependents=dependents(conn, spec, oid, surround),
-                      migration=migration, notes=probe.notes + shape_notes(spec), properties=properties)
+                      migration=migration, notes=probe.notes + shape_notes(spec) + keys_notes(conn, oid),
+                      properties=properties)
 
 
 def shape_notes(spec: MigrationSpec) -> list[str]:
