@@ -188,7 +188,7 @@ MUTANTS = [
            "where a user's trigger changed the source's rows after the statement wrote them",
            "sql_templates/_sync.sql.j2",
            (("{%- set read_only = [", "false AND ({%- set read_only = ["),
-            ("{%- endfor %}))", "{%- endfor %})))")),
+            ("::regproc{% endfor %}))", "::regproc{% endfor %})))")),
            ("tests/test_exactness.py", "-k", "user_triggers_that_change and direct")),
     Mutant("catalog_read_in_an_old_snapshot", "the sync trusts pg_trigger as a REPEATABLE READ snapshot shows it, "
            "which may predate a trigger that fires on the statement",

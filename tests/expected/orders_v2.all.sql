@@ -479,8 +479,8 @@ BEGIN
         SELECT pg_catalog.current_setting('transaction_isolation') IN ('repeatable read', 'serializable')
                OR EXISTS (SELECT FROM pg_catalog.pg_trigger
                            WHERE tgrelid = '"public"."orders"'::regclass AND tgenabled <> 'D'
-                             AND tgfoid NOT IN ('"bgsync"."orders_v2_forward"'::regproc,
-                                                '"pg_catalog"."RI_FKey_check_ins"'::regproc,
+                             AND tgname NOT IN ('bgsync_orders_v2_fwd_ins', 'bgsync_orders_v2_fwd_upd', 'bgsync_orders_v2_fwd_del', 'bgsync_orders_v2_fwd_trunc')
+                             AND tgfoid NOT IN ('"pg_catalog"."RI_FKey_check_ins"'::regproc,
                                                 '"pg_catalog"."RI_FKey_check_upd"'::regproc,
                                                 '"pg_catalog"."RI_FKey_noaction_del"'::regproc,
                                                 '"pg_catalog"."RI_FKey_noaction_upd"'::regproc,
@@ -717,8 +717,8 @@ BEGIN
         SELECT pg_catalog.current_setting('transaction_isolation') IN ('repeatable read', 'serializable')
                OR EXISTS (SELECT FROM pg_catalog.pg_trigger
                            WHERE tgrelid = '"public"."orders"'::regclass AND tgenabled <> 'D'
-                             AND tgfoid NOT IN ('"bgsync"."orders_v2_reverse"'::regproc,
-                                                '"pg_catalog"."RI_FKey_check_ins"'::regproc,
+                             AND tgname NOT IN ('bgsync_orders_v2_rev_ins', 'bgsync_orders_v2_rev_upd', 'bgsync_orders_v2_rev_del', 'bgsync_orders_v2_rev_trunc')
+                             AND tgfoid NOT IN ('"pg_catalog"."RI_FKey_check_ins"'::regproc,
                                                 '"pg_catalog"."RI_FKey_check_upd"'::regproc,
                                                 '"pg_catalog"."RI_FKey_noaction_del"'::regproc,
                                                 '"pg_catalog"."RI_FKey_noaction_upd"'::regproc,
@@ -946,8 +946,8 @@ BEGIN
         SELECT pg_catalog.current_setting('transaction_isolation') IN ('repeatable read', 'serializable')
                OR EXISTS (SELECT FROM pg_catalog.pg_trigger
                            WHERE tgrelid = '"public"."orders"'::regclass AND tgenabled <> 'D'
-                             AND tgfoid NOT IN ('"bgsync"."orders_v2_forward"'::regproc,
-                                                '"pg_catalog"."RI_FKey_check_ins"'::regproc,
+                             AND tgname NOT IN ('bgsync_orders_v2_fwd_ins', 'bgsync_orders_v2_fwd_upd', 'bgsync_orders_v2_fwd_del', 'bgsync_orders_v2_fwd_trunc')
+                             AND tgfoid NOT IN ('"pg_catalog"."RI_FKey_check_ins"'::regproc,
                                                 '"pg_catalog"."RI_FKey_check_upd"'::regproc,
                                                 '"pg_catalog"."RI_FKey_noaction_del"'::regproc,
                                                 '"pg_catalog"."RI_FKey_noaction_upd"'::regproc,
