@@ -355,11 +355,12 @@ INSERT INTO public.tree SELECT g, CASE WHEN g > 10 THEN g % 10 + 1 END, 'b' || g
 """
 
 
-def test_a_self_referencing_key_is_named_by_validate_and_a_rekeyed_parent_fails_cleanly(dsn: str,
-                                                                                      tmp_path: Path) -> None:
-    """The README's limitation, as it is: validate names the constraint; writes that keep keys sync exactly;
-    re-keying a referenced row fails the application's statement (green's copy of the constraint sees its
-    children on a key the sync deleted) and leaves both tables as they were."""
+def test_a_self_referencing_key_rekeys_until_cutover_and_fails_cleanly_after(dsn: str, tmp_path: Path) -> None:
+    """Green's copy of a foreign key on the table itself is checked at commit while green is not live (the
+    sync writes a changed key in two statements): re-keying a parent whose children follow by ON UPDATE
+    CASCADE syncs exactly. Once green is live its copy is checked as blue's was; blue's own constraint is
+    never changed, so from cutover to finalize such a statement fails on it, cleanly (the README's
+    limitation, and validate's note)."""
     setup(dsn, TREE)
     plan = write_plan(tmp_path, {"name": "tree_v2", "source": "public.tree",
                                  "columns": [{"name": "id", "type": "bigint", "not_null": True},
@@ -369,18 +370,48 @@ def test_a_self_referencing_key_is_named_by_validate_and_a_rekeyed_parent_fails_
     assert said.code == 0 and "foreign key tree_parent_fkey references the table itself" in said.out + said.err
     for command in ("prepare", "backfill", "verify"):
         run_ok(dsn, command, str(plan))
-    tree_diff = ("SELECT id::bigint, parent::bigint, body FROM public.tree",
-                 "SELECT id, parent, body FROM public.tree_v2")
+    timing = ("SELECT condeferrable, condeferred FROM pg_constraint "
+              "WHERE conname = 'tree_parent_fkey' AND conrelid = %s::regclass")
+
+    def tree_diff(blue: str, green: str) -> list[tuple[object, ...]]:
+        return text_diff(dsn, f"SELECT id::bigint, parent::bigint, body FROM public.{blue}",
+                         f"SELECT id, parent, body FROM public.{green}")
+
+    def rekey(conn: psycopg.Connection[Any], parent: int) -> None:
+        children = scalar(dsn, "SELECT count(*) FROM public.tree WHERE parent = %s", [parent])
+        conn.execute("UPDATE public.tree SET id = id + 1000, body = 'rekeyed' WHERE id = %s", [parent])
+        assert scalar(dsn, "SELECT count(*) FROM public.tree WHERE parent = %s", [parent + 1000]) == children
+        assert isinstance(children, int) and children > 40
+
     with psycopg.connect(dsn, autocommit=True) as conn:
+        assert conn.execute(timing, ["public.tree_v2"]).fetchone() == (True, True)
         conn.execute("INSERT INTO public.tree VALUES (600, NULL, 'root'), (601, 600, 'leaf')")
-        conn.execute("UPDATE public.tree SET parent = 600, body = 'moved' WHERE id BETWEEN 20 AND 40")
-        conn.execute("UPDATE public.tree SET id = id + 1000 WHERE id BETWEEN 400 AND 420")  # nobody references them
-        conn.execute("DELETE FROM public.tree WHERE id BETWEEN 300 AND 310")
-        children = scalar(dsn, "SELECT count(*) FROM public.tree WHERE parent = 1")
+        conn.execute("UPDATE public.tree SET body = 'moved' WHERE id BETWEEN 20 AND 40")
+        conn.execute("DELETE FROM public.tree WHERE id BETWEEN 300 AND 309 AND parent <> 1")
+        rekey(conn, 1)                                 # the children follow, on blue and on green
+        conn.execute("UPDATE public.tree SET id = id + 1000, parent = parent + 1000 WHERE id IN (2, 11, 21)")
+    assert tree_diff("tree", "tree_v2") == []
+    run_ok(dsn, "cutover", str(plan))
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        assert conn.execute(timing, ["public.tree"]).fetchone() == (False, False)    # blue's timing
+        children = scalar(dsn, "SELECT count(*) FROM public.tree WHERE parent = 3")
         with pytest.raises(psycopg.errors.ForeignKeyViolation):
-            conn.execute("UPDATE public.tree SET id = id + 1000 WHERE id = 1")
-    assert scalar(dsn, "SELECT count(*) FROM public.tree WHERE parent = 1") == children == 44
-    assert text_diff(dsn, *tree_diff) == []
+            conn.execute("UPDATE public.tree SET id = id + 1000 WHERE id = 3")
+        assert scalar(dsn, "SELECT count(*) FROM public.tree WHERE parent = 3") == children
+        assert isinstance(children, int) and children > 40
+        conn.execute("UPDATE public.tree SET body = 'after cutover' WHERE parent = 3")
+    assert tree_diff("tree_old", "tree") == []
+    run_ok(dsn, "rollback", str(plan))
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        assert conn.execute(timing, ["public.tree_v2"]).fetchone() == (True, True)
+        rekey(conn, 4)
+    assert tree_diff("tree", "tree_v2") == []
+    run_ok(dsn, "verify", str(plan))
+    run_ok(dsn, "cutover", str(plan))
+    run_ok(dsn, "finalize", str(plan), "--yes")
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        assert conn.execute(timing, ["public.tree"]).fetchone() == (False, False)
+        rekey(conn, 5)                                 # one table again: as before the migration
 
 
 # -- 3. identity, generated columns, domains and enums never make a write fail -------------------

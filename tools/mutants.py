@@ -190,6 +190,12 @@ MUTANTS = [
            (("{%- set read_only = [", "false AND ({%- set read_only = ["),
             ("::regproc{% endfor %}))", "::regproc{% endfor %})))")),
            ("tests/test_exactness.py", "-k", "user_triggers_that_change and direct")),
+    Mutant("self_key_checked_at_once", "green's copy of a foreign key on the table itself is checked at each "
+           "statement before cutover, as blue's is (the sync writes a changed key in two statements)",
+           "orchestrator/phases/keys.py",
+           (('deferrable, deferred, why = True, True, ", checked at commit until cutover"',
+             'deferrable, deferred, why = key.deferrable, key.deferred, ""'),),
+           ("tests/test_exactness.py", "-k", "self_referencing")),
     Mutant("catalog_read_in_an_old_snapshot", "the sync trusts pg_trigger as a REPEATABLE READ snapshot shows it, "
            "which may predate a trigger that fires on the statement",
            "sql_templates/_sync.sql.j2",

@@ -74,12 +74,41 @@ def keys_problems(conn: Conn, spec: MigrationSpec, blue_oid: int) -> list[str]:
 
 def keys_notes(conn: Conn, blue_oid: int) -> list[str]:
     """What `validate` tells of a foreign key of blue's that references blue itself: the sync mirrors a
-    changed key as a DELETE of the old key and a write of the new one, in two statements, so green's copy of
-    the constraint sees children on a key that is gone between them."""
-    return [f"foreign key {key.name} references the table itself: until finalize, a statement that changes a key "
-            f"other rows reference (ON UPDATE {key.on_update}, or parents and children re-keyed together) fails "
-            f"on the other table's copy of the constraint; rows whose keys never change are not affected"
+    changed key as a DELETE of the old key and a write of the new one, in two statements. Green's copy is
+    checked at commit while green is not live; blue's own constraint is never changed, so from cutover to
+    finalize (and for writes through the new release in the window of expose) it sees children on a key
+    that is gone between the two."""
+    restrict = "and before cutover too, as ON DELETE RESTRICT is never deferred; "
+    return [f"foreign key {key.name} references the table itself: green's copy is checked at commit until "
+            f"cutover; from cutover until finalize a statement that changes a key other rows reference "
+            f"(ON UPDATE {key.on_update}, or parents and children re-keyed together) fails on blue's constraint "
+            f"({restrict if key.on_delete == 'RESTRICT' else ''}rows whose keys never change are not affected)"
             for key in surroundings.outbound_keys(conn, blue_oid) if key.self_reference]
+
+
+@dataclass(frozen=True)
+class SelfKey:
+    """A foreign key of blue's on blue itself, as green's copy must be once green is live."""
+
+    name: str
+    deferrable: bool
+    deferred: bool
+
+
+def self_keys(conn: Conn, spec: MigrationSpec) -> list[SelfKey]:
+    """Blue's self-referencing foreign keys that green takes (whether or not it has yet)."""
+    blue_oid = catalog.regclass_oid(conn, str(spec.blue))
+    mapping = green_of(spec)
+    return [SelfKey(key.name, key.deferrable, key.deferred)
+            for key in ([] if blue_oid is None else surroundings.outbound_keys(conn, blue_oid))
+            if key.self_reference and all(c in mapping for c in key.columns)]
+
+
+def green_self_keys(conn: Conn, green: QualifiedName) -> list[str]:
+    """The foreign keys of green (under whatever name it has now) that reference green itself."""
+    return [str(r[0]) for r in conn.execute(
+        """SELECT conname FROM pg_constraint WHERE contype = 'f' AND conparentid = 0
+              AND conrelid = to_regclass(%s) AND confrelid = conrelid ORDER BY conname""", [str(green)])]
 
 
 def keys_to_add(conn: Conn, spec: MigrationSpec) -> list[KeyToAdd]:
@@ -96,11 +125,15 @@ def keys_to_add(conn: Conn, spec: MigrationSpec) -> list[KeyToAdd]:
         if key.name in on_green or any(c not in mapping for c in key.columns):
             continue
         referenced, ref_columns = key.referenced, key.referenced_columns
+        deferrable, deferred, why = key.deferrable, key.deferred, ""
         if key.self_reference:
+            # checked at commit until cutover gives it blue's timing: the sync writes a changed key in two
+            # statements, and the children it re-points come after the first
             referenced, ref_columns = spec.green, [mapping.get(c, c) for c in key.referenced_columns]
+            deferrable, deferred, why = True, True, ", checked at commit until cutover"
         out.append(KeyToAdd(key.name, spec.green, [mapping[c] for c in key.columns], referenced, ref_columns,
-                            key.on_update, key.on_delete, key.match, key.deferrable, key.deferred, True,
-                            f"blue's foreign key {key.name} -> {key.referenced.display()}"))
+                            key.on_update, key.on_delete, key.match, deferrable, deferred, True,
+                            f"blue's foreign key {key.name} -> {key.referenced.display()}{why}"))
     for fk in catalog.inbound_foreign_keys(conn, str(spec.blue)):
         shadow = shadow_name(fk.name)
         exists = conn.execute("SELECT 1 FROM pg_constraint WHERE conrelid = to_regclass(%s) AND conname = %s",

@@ -23,7 +23,7 @@ from orchestrator.phases.cutover import (
     trigger_statements,
 )
 from orchestrator.phases.expose import version_views
-from orchestrator.phases.keys import retired_keys, shadow_name, shadows_of
+from orchestrator.phases.keys import green_self_keys, retired_keys, shadow_name, shadows_of
 from orchestrator.render import render_steps
 from orchestrator.spec import MigrationSpec, forward_sync, reverse_sync
 
@@ -113,7 +113,7 @@ def _uncutover(conn: Conn, spec: MigrationSpec, record: dict[str, Any], views: l
         add_publications=surround.publications,
         shared_sequences=[(c.shared_sequence, blue_column[c.name]) for c in spec.columns if c.shared_sequence],
         matviews=surround.matviews, window=window,
-        window_views=list(version_views(spec)) if window else [])
+        window_views=list(version_views(spec)) if window else [], self_keys=green_self_keys(conn, live))
     statements = [Statement(d, s) for d, s in steps]
     statements[-1] = Statement(statements[-1].description, statements[-1].sql,
                                expect_rows=f"rollback {spec.name} refused: the migration is no longer cut over")
