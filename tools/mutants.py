@@ -95,9 +95,9 @@ MUTANTS = [
     Mutant("reverse_update", "the reverse trigger's UPDATE branch does nothing",
            "sql_templates/_sync.sql.j2",
            (("    ELSIF TG_OP = 'UPDATE' THEN\n        -- rows whose key changed leave their old key behind in the "
-             "target, unless the source holds it again\n",
+             "target, unless the source holds it again;\n",
              "    ELSIF TG_OP = 'UPDATE' {% if title == 'reverse sync' %}AND false {% endif %}THEN\n        -- rows "
-             "whose key changed leave their old key behind in the target, unless the source holds it again\n"),),
+             "whose key changed leave their old key behind in the target, unless the source holds it again;\n"),),
            ("tests/test_roles_and_state.py", "-k", "dml_only")),
     Mutant("redaction", "redaction is a no-op: no password is remembered or replaced",
            "orchestrator/db.py",
