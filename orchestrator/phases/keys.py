@@ -104,9 +104,10 @@ def self_keys(conn: Conn, spec: MigrationSpec) -> list[SelfKey]:
             if key.self_reference and all(c in mapping for c in key.columns)]
 
 
-def green_self_keys(conn: Conn, green: QualifiedName) -> list[str]:
-    """The foreign keys of green (under whatever name it has now) that reference green itself."""
-    return [str(r[0]) for r in conn.execute(
+def green_self_keys(conn: Conn, green: QualifiedName) -> list[SelfKey]:
+    """The foreign keys of green (under whatever name it has now) that reference green itself, as they are
+    while green is not live: checked at commit."""
+    return [SelfKey(str(r[0]), deferrable=True, deferred=True) for r in conn.execute(
         """SELECT conname FROM pg_constraint WHERE contype = 'f' AND conparentid = 0
               AND conrelid = to_regclass(%s) AND confrelid = conrelid ORDER BY conname""", [str(green)])]
 
