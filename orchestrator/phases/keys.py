@@ -81,7 +81,8 @@ def keys_notes(conn: Conn, blue_oid: int) -> list[str]:
     restrict = "and before cutover too, as ON DELETE RESTRICT is never deferred; "
     return [f"foreign key {key.name} references the table itself: green's copy is checked at commit until "
             f"cutover; from cutover until finalize a statement that changes a key other rows reference "
-            f"(ON UPDATE {key.on_update}, or parents and children re-keyed together) fails on blue's constraint "
+            f"(ON UPDATE {key.on_update}, or parents and children re-keyed together) fails on the copy the sync "
+            f"writes "
             f"({restrict if key.on_delete == 'RESTRICT' else ''}rows whose keys never change are not affected)"
             for key in surroundings.outbound_keys(conn, blue_oid) if key.self_reference]
 
