@@ -606,7 +606,7 @@ def rollback(options: Options, plan_path: Path, *, dry_run: bool = False, conn: 
             if row is not None and phase == "cut_over":
                 return [rollback_phase.uncutover_unit(conn, spec, row.cutover or {}, timeout, attempts, user)]
             if phase == "exposed":
-                return [expose_phase.close_unit(spec, timeout, attempts)]
+                return [expose_phase.close_unit(conn, spec, timeout, attempts)]
             return [rollback_phase.teardown_unit(conn, spec, timeout, attempts)]
 
         if dry_run:

@@ -355,63 +355,115 @@ INSERT INTO public.tree SELECT g, CASE WHEN g > 10 THEN g % 10 + 1 END, 'b' || g
 """
 
 
-def test_a_self_referencing_key_rekeys_until_cutover_and_fails_cleanly_after(dsn: str, tmp_path: Path) -> None:
-    """Green's copy of a foreign key on the table itself is checked at commit while green is not live (the
-    sync writes a changed key in two statements): re-keying a parent whose children follow by ON UPDATE
-    CASCADE syncs exactly. Once green is live its copy is checked as blue's was; blue's own constraint is
-    never changed, so from cutover to finalize such a statement fails on it, cleanly (the README's
-    limitation, and validate's note)."""
+def test_a_self_referencing_key_rekeys_in_every_phase(dsn: str, tmp_path: Path) -> None:
+    """A foreign key on the table itself is checked at commit on whichever table the sync writes (it writes a
+    changed key in two statements, and the children it re-points come after the first), and as blue's was on
+    a table only applications write: re-keying a parent whose children follow by ON UPDATE CASCADE syncs
+    exactly before cutover, after it, in the window of expose through either release, and after rollbacks;
+    each table ends with blue's timing once it is no longer written by the sync."""
     setup(dsn, TREE)
     plan = write_plan(tmp_path, {"name": "tree_v2", "source": "public.tree",
                                  "columns": [{"name": "id", "type": "bigint", "not_null": True},
                                              {"name": "parent", "type": "bigint"}, {"name": "body", "type": "text"}],
-                                 "backfill": {"workers": 2, "batch_rows": 100}})
+                                 "backfill": {"workers": 2, "batch_rows": 100},
+                                 "versions": {"blue": "tree_old_release", "green": "tree_new_release"}})
     said = bgsync(dsn, "validate", str(plan))
-    assert said.code == 0 and "foreign key tree_parent_fkey references the table itself" in said.out + said.err
+    assert said.code == 0 and "foreign key tree_parent_fkey references the table itself" not in said.out + said.err
     for command in ("prepare", "backfill", "verify"):
         run_ok(dsn, command, str(plan))
-    timing = ("SELECT condeferrable, condeferred FROM pg_constraint "
-              "WHERE conname = 'tree_parent_fkey' AND conrelid = %s::regclass")
+
+    def timing(table: str) -> tuple[object, ...] | None:
+        with psycopg.connect(dsn) as conn:
+            return conn.execute("SELECT condeferrable, condeferred FROM pg_constraint "
+                                "WHERE conname = 'tree_parent_fkey' AND conrelid = %s::regclass", [table]).fetchone()
 
     def tree_diff(blue: str, green: str) -> list[tuple[object, ...]]:
         return text_diff(dsn, f"SELECT id::bigint, parent::bigint, body FROM public.{blue}",
                          f"SELECT id, parent, body FROM public.{green}")
 
-    def rekey(conn: psycopg.Connection[Any], parent: int) -> None:
+    def rekey(parent: int, through: str = "public.tree") -> None:
         children = scalar(dsn, "SELECT count(*) FROM public.tree WHERE parent = %s", [parent])
-        conn.execute("UPDATE public.tree SET id = id + 1000, body = 'rekeyed' WHERE id = %s", [parent])
-        assert scalar(dsn, "SELECT count(*) FROM public.tree WHERE parent = %s", [parent + 1000]) == children
         assert isinstance(children, int) and children > 40
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(f"UPDATE {through} SET id = id + 1000, body = 'rekeyed' WHERE id = %s", [parent])
+        assert scalar(dsn, "SELECT count(*) FROM public.tree WHERE parent = %s", [parent + 1000]) == children
 
+    blue_timing, target_timing = (False, False), (True, True)
+    assert timing("public.tree_v2") == target_timing
     with psycopg.connect(dsn, autocommit=True) as conn:
-        assert conn.execute(timing, ["public.tree_v2"]).fetchone() == (True, True)
         conn.execute("INSERT INTO public.tree VALUES (600, NULL, 'root'), (601, 600, 'leaf')")
         conn.execute("UPDATE public.tree SET body = 'moved' WHERE id BETWEEN 20 AND 40")
         conn.execute("DELETE FROM public.tree WHERE id BETWEEN 300 AND 309 AND parent <> 1")
-        rekey(conn, 1)                                 # the children follow, on blue and on green
         conn.execute("UPDATE public.tree SET id = id + 1000, parent = parent + 1000 WHERE id IN (2, 11, 21)")
+    rekey(1)                                           # the children follow, on blue and on green
     assert tree_diff("tree", "tree_v2") == []
-    run_ok(dsn, "cutover", str(plan))
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        assert conn.execute(timing, ["public.tree"]).fetchone() == (False, False)    # blue's timing
-        children = scalar(dsn, "SELECT count(*) FROM public.tree WHERE parent = 3")
-        with pytest.raises(psycopg.errors.ForeignKeyViolation):
-            conn.execute("UPDATE public.tree SET id = id + 1000 WHERE id = 3")
-        assert scalar(dsn, "SELECT count(*) FROM public.tree WHERE parent = 3") == children
-        assert isinstance(children, int) and children > 40
-        conn.execute("UPDATE public.tree SET body = 'after cutover' WHERE parent = 3")
+
+    run_ok(dsn, "cutover", str(plan))                  # green live; blue written by the sync
+    assert (timing("public.tree"), timing("public.tree_old")) == (blue_timing, target_timing)
+    rekey(3)
     assert tree_diff("tree_old", "tree") == []
     run_ok(dsn, "rollback", str(plan))
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        assert conn.execute(timing, ["public.tree_v2"]).fetchone() == (True, True)
-        rekey(conn, 4)
+    assert (timing("public.tree"), timing("public.tree_v2")) == (blue_timing, target_timing)
+    rekey(4)
     assert tree_diff("tree", "tree_v2") == []
+
     run_ok(dsn, "verify", str(plan))
+    run_ok(dsn, "expose", str(plan))                   # both tables written by the sync
+    assert (timing("public.tree"), timing("public.tree_v2")) == (target_timing, target_timing)
+    rekey(6, "tree_old_release.tree")
+    rekey(7, "tree_new_release.tree")
+    assert tree_diff("tree", "tree_v2") == []
+    run_ok(dsn, "rollback", str(plan))                 # the window closes before cutover
+    assert (timing("public.tree"), timing("public.tree_v2")) == (blue_timing, target_timing)
+    rekey(8)
+    assert tree_diff("tree", "tree_v2") == []
+
+    run_ok(dsn, "verify", str(plan))
+    run_ok(dsn, "expose", str(plan))
+    run_ok(dsn, "cutover", str(plan))                  # the window stays open: both still written by the sync
+    assert (timing("public.tree"), timing("public.tree_old")) == (target_timing, target_timing)
+    rekey(9, "tree_old_release.tree")
+    rekey(10, "tree_new_release.tree")
+    assert tree_diff("tree_old", "tree") == []
+    run_ok(dsn, "rollback", str(plan))
+    assert (timing("public.tree"), timing("public.tree_v2")) == (blue_timing, target_timing)
+    rekey(1001)
+    assert tree_diff("tree", "tree_v2") == []
+
+    run_ok(dsn, "verify", str(plan))
+    run_ok(dsn, "expose", str(plan))
     run_ok(dsn, "cutover", str(plan))
     run_ok(dsn, "finalize", str(plan), "--yes")
+    assert timing("public.tree") == blue_timing        # one table again: as before the migration
+    rekey(5)
+
+
+RESTRICTED_TREE = """
+CREATE TABLE public.tree (id int PRIMARY KEY,
+                          parent int REFERENCES public.tree (id) ON UPDATE CASCADE ON DELETE RESTRICT, body text);
+INSERT INTO public.tree SELECT g, CASE WHEN g > 10 THEN g % 10 + 1 END, 'b' || g FROM generate_series(1, 200) g;
+"""
+
+
+def test_a_restricting_self_referencing_key_fails_a_rekey_cleanly(dsn: str, tmp_path: Path) -> None:
+    """ON DELETE RESTRICT is checked at once even when deferred: the sync's DELETE of a re-keyed parent's old
+    key fails while its children still name it, and the application's statement fails with it, nothing half
+    written (the README's limitation, and validate's note)."""
+    setup(dsn, RESTRICTED_TREE)
+    plan = write_plan(tmp_path, {"name": "tree_v2", "source": "public.tree",
+                                 "columns": [{"name": "id", "type": "bigint", "not_null": True},
+                                             {"name": "parent", "type": "bigint"}, {"name": "body", "type": "text"}]})
+    said = bgsync(dsn, "validate", str(plan))
+    assert said.code == 0 and "foreign key tree_parent_fkey references the table itself" in said.out + said.err
+    for command in ("prepare", "backfill"):
+        run_ok(dsn, command, str(plan))
     with psycopg.connect(dsn, autocommit=True) as conn:
-        assert conn.execute(timing, ["public.tree"]).fetchone() == (False, False)
-        rekey(conn, 5)                                 # one table again: as before the migration
+        with pytest.raises(psycopg.errors.ForeignKeyViolation):
+            conn.execute("UPDATE public.tree SET id = id + 1000 WHERE id = 3")
+        conn.execute("UPDATE public.tree SET id = id + 1000 WHERE id = 150")     # no children: synced
+    assert scalar(dsn, "SELECT count(*) FROM public.tree WHERE id = 3") == 1
+    assert text_diff(dsn, "SELECT id::bigint, parent::bigint, body FROM public.tree",
+                     "SELECT id, parent, body FROM public.tree_v2") == []
 
 
 # -- 3. identity, generated columns, domains and enums never make a write fail -------------------

@@ -193,8 +193,18 @@ MUTANTS = [
     Mutant("self_key_checked_at_once", "green's copy of a foreign key on the table itself is checked at each "
            "statement before cutover, as blue's is (the sync writes a changed key in two statements)",
            "orchestrator/phases/keys.py",
-           (('deferrable, deferred, why = True, True, ", checked at commit until cutover"',
+           (('deferrable, deferred, why = True, True, ", checked at commit while the sync writes green"',
              'deferrable, deferred, why = key.deferrable, key.deferred, ""'),),
+           ("tests/test_exactness.py", "-k", "self_referencing")),
+    Mutant("self_key_of_a_synced_blue_checked_at_once", "blue's foreign key on itself keeps its timing while the "
+           "sync writes blue (after cutover, in the window of expose)",
+           "orchestrator/phases/keys.py",
+           (("SelfKey(key.name, True, True) if written else key", "key"),),
+           ("tests/test_exactness.py", "-k", "self_referencing")),
+    Mutant("self_key_timing_never_restored", "a table the sync no longer writes keeps its foreign key on itself "
+           "checked at commit",
+           "orchestrator/phases/keys.py",
+           (("SelfKey(key.name, True, True) if written else key", "SelfKey(key.name, True, True)"),),
            ("tests/test_exactness.py", "-k", "self_referencing")),
     Mutant("catalog_read_in_an_old_snapshot", "the sync trusts pg_trigger as a REPEATABLE READ snapshot shows it, "
            "which may predate a trigger that fires on the statement",

@@ -17,6 +17,7 @@ from orchestrator import catalog
 from orchestrator.errors import GateRefused
 from orchestrator.executor import Statement, Unit
 from orchestrator.names import QualifiedName
+from orchestrator.phases.keys import self_keys_after_flip
 from orchestrator.render import render_steps
 from orchestrator.spec import MigrationSpec, forward_sync, reverse_sync
 
@@ -61,7 +62,9 @@ def expose_unit(conn: Conn, spec: MigrationSpec, lock_timeout: str, attempts: in
                                                                         two_way=True),
         blue_view=blue_view, green_view=green_view, green_columns=[c.name for c in spec.columns],
         defaults=sequence_defaults(conn, spec, live=spec.blue, live_is_green=False), grantees=grantees(spec),
-        current_user=current_user)
+        current_user=current_user,
+        self_keys=self_keys_after_flip(conn, spec, blue=spec.blue, blue_written=True, green=spec.green,
+                                       green_written=True))
     statements = [Statement(d, s) for d, s in steps]
     statements[-1] = Statement(statements[-1].description, statements[-1].sql,
                                expect_rows=f"expose {spec.name} refused: the migration is no longer verified")
@@ -69,14 +72,16 @@ def expose_unit(conn: Conn, spec: MigrationSpec, lock_timeout: str, attempts: in
                 f"{green_view.schema}", statements, lock_timeout=lock_timeout, attempts=attempts, phase="expose")
 
 
-def close_unit(spec: MigrationSpec, lock_timeout: str, attempts: int) -> Unit:
+def close_unit(conn: Conn, spec: MigrationSpec, lock_timeout: str, attempts: int) -> Unit:
     """Rollback from the window before cutover: one-way sync again, the version schemas gone."""
     blue_view, green_view = version_views(spec)
     steps = render_steps(
         "expose_close.sql.j2", spec=spec, lock_relations=[blue_view, green_view, spec.blue, spec.green],
         lock_timeout=lock_timeout,
         forward=forward_sync(spec), reverse=reverse_sync(spec, spec.green, target=spec.blue),
-        views=[blue_view, green_view])
+        views=[blue_view, green_view],
+        self_keys=self_keys_after_flip(conn, spec, blue=spec.blue, blue_written=False, green=spec.green,
+                                       green_written=True))
     statements = [Statement(d, s) for d, s in steps]
     statements[-1] = Statement(statements[-1].description, statements[-1].sql,
                                expect_rows=f"rollback {spec.name} refused: the migration is no longer exposed")

@@ -15,13 +15,17 @@ its shadow is validated as it is added, blocking writes to that child for the sc
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass
 from typing import Any
 
 import psycopg
+from psycopg import sql
 
 from orchestrator import catalog, surroundings
 from orchestrator.executor import Statement, Unit
+from orchestrator.journal import journal_exists
 from orchestrator.names import QualifiedName
 from orchestrator.render import render_steps
 from orchestrator.spec import MigrationSpec, fit_name
@@ -73,44 +77,87 @@ def keys_problems(conn: Conn, spec: MigrationSpec, blue_oid: int) -> list[str]:
 
 
 def keys_notes(conn: Conn, blue_oid: int) -> list[str]:
-    """What `validate` tells of a foreign key of blue's that references blue itself: the sync mirrors a
-    changed key as a DELETE of the old key and a write of the new one, in two statements. Green's copy is
-    checked at commit while green is not live; blue's own constraint is never changed, so from cutover to
-    finalize (and for writes through the new release in the window of expose) it sees children on a key
-    that is gone between the two."""
-    restrict = "and before cutover too, as ON DELETE RESTRICT is never deferred; "
-    return [f"foreign key {key.name} references the table itself: green's copy is checked at commit until "
-            f"cutover; from cutover until finalize a statement that changes a key other rows reference "
-            f"(ON UPDATE {key.on_update}, or parents and children re-keyed together) fails on the copy the sync "
-            f"writes "
-            f"({restrict if key.on_delete == 'RESTRICT' else ''}rows whose keys never change are not affected)"
-            for key in surroundings.outbound_keys(conn, blue_oid) if key.self_reference]
+    """What `validate` tells of a foreign key of blue's that references blue itself with ON DELETE RESTRICT: the
+    sync mirrors a changed key as a DELETE of the old key and a write of the new one, in two statements, and
+    RESTRICT is checked at once even where the constraint is deferred."""
+    return [f"foreign key {key.name} references the table itself with ON DELETE RESTRICT, which is checked at once "
+            f"even when deferred: while bgsync keeps a table in sync, a statement that changes a key other rows "
+            f"reference (ON UPDATE {key.on_update}, or parents and children re-keyed together) fails on the copy "
+            f"the sync writes; make it NO ACTION for the migration (rows whose keys never change are not affected)"
+            for key in surroundings.outbound_keys(conn, blue_oid) if key.self_reference and key.on_delete == "RESTRICT"]
 
 
 @dataclass(frozen=True)
 class SelfKey:
-    """A foreign key of blue's on blue itself, as green's copy must be once green is live."""
+    """A foreign key of blue's on blue itself, and its timing."""
 
     name: str
     deferrable: bool
     deferred: bool
 
 
-def self_keys(conn: Conn, spec: MigrationSpec) -> list[SelfKey]:
-    """Blue's self-referencing foreign keys that green takes (whether or not it has yet)."""
-    blue_oid = catalog.regclass_oid(conn, str(spec.blue))
+def original_self_keys(conn: Conn, spec: MigrationSpec, blue: QualifiedName) -> list[SelfKey]:
+    """Blue's self-referencing foreign keys that green takes, with blue's own timing: the journal's record of
+    it while bgsync has blue's deferred (`self_keys`, written by the flip that deferred them), else blue's
+    catalog (`blue`: blue under the name it has now)."""
+    recorded: dict[str, SelfKey] = {}
+    if journal_exists(conn, spec.state_schema):
+        row = conn.execute(sql.SQL("SELECT to_jsonb(m) -> 'self_keys' FROM {}.migrations AS m WHERE name = %s")
+                           .format(sql.Identifier(spec.state_schema)), [spec.name]).fetchone()
+        recorded = {k["name"]: SelfKey(k["name"], k["deferrable"], k["deferred"])
+                    for k in (row[0] if row and row[0] else [])}
+    blue_oid = catalog.regclass_oid(conn, str(blue))
     mapping = green_of(spec)
-    return [SelfKey(key.name, key.deferrable, key.deferred)
+    return [recorded.get(key.name, SelfKey(key.name, key.deferrable, key.deferred))
             for key in ([] if blue_oid is None else surroundings.outbound_keys(conn, blue_oid))
             if key.self_reference and all(c in mapping for c in key.columns)]
 
 
-def green_self_keys(conn: Conn, green: QualifiedName) -> list[SelfKey]:
-    """The foreign keys of green (under whatever name it has now) that reference green itself, as they are
-    while green is not live: checked at commit."""
-    return [SelfKey(str(r[0]), deferrable=True, deferred=True) for r in conn.execute(
-        """SELECT conname FROM pg_constraint WHERE contype = 'f' AND conparentid = 0
-              AND conrelid = to_regclass(%s) AND confrelid = conrelid ORDER BY conname""", [str(green)])]
+@dataclass(frozen=True)
+class SelfKeyTiming:
+    """One step of a flip: a table's copy of a self-referencing key gets the timing its new role needs."""
+
+    table: QualifiedName
+    key: SelfKey
+    why: str
+
+
+@dataclass(frozen=True)
+class SelfKeysAfterFlip:
+    """What a flip does to the self-referencing foreign keys: each table the sync writes has them checked at
+    commit (the sync writes a changed key in two statements, and the children it re-points come after the
+    first); a table only applications write has blue's timing. `record` is blue's timing while blue's are
+    deferred (kept in the journal for the flip that restores them), else None."""
+
+    steps: list[SelfKeyTiming]
+    record: str | None
+
+
+def self_keys_after_flip(conn: Conn, spec: MigrationSpec, *, blue: QualifiedName | None, blue_written: bool,
+                         green: QualifiedName, green_written: bool, predicted: bool = False) -> SelfKeysAfterFlip:
+    """The timing steps for blue (`None`: about to be dropped) and green, named as they are when the steps
+    run (before the flip's renames). `predicted`: the cutover has not run yet, so blue and green are read
+    under their names before it."""
+    read_as = {blue: spec.blue, green: spec.green} if predicted else {}
+    originals = original_self_keys(conn, spec, spec.blue if predicted else blue or spec.retired)
+    steps = []
+    for table, written in ((blue, blue_written), (green, green_written)):
+        if table is None:
+            continue
+        present = constraint_names(conn, read_as.get(table, table))
+        for key in originals:
+            if key.name in present:
+                steps.append(SelfKeyTiming(
+                    table, SelfKey(key.name, True, True) if written else key,
+                    "is checked at commit: the sync writes this table" if written
+                    else "has blue's timing again: only applications write this table"))
+    record = json.dumps([dataclasses.asdict(k) for k in originals]) if blue is not None and blue_written else None
+    return SelfKeysAfterFlip(steps, record)
+
+
+def constraint_names(conn: Conn, table: QualifiedName) -> set[str]:
+    return {str(r[0]) for r in conn.execute(
+        "SELECT conname FROM pg_constraint WHERE contype = 'f' AND conrelid = to_regclass(%s)", [str(table)])}
 
 
 def keys_to_add(conn: Conn, spec: MigrationSpec) -> list[KeyToAdd]:
@@ -129,10 +176,9 @@ def keys_to_add(conn: Conn, spec: MigrationSpec) -> list[KeyToAdd]:
         referenced, ref_columns = key.referenced, key.referenced_columns
         deferrable, deferred, why = key.deferrable, key.deferred, ""
         if key.self_reference:
-            # checked at commit until cutover gives it blue's timing: the sync writes a changed key in two
-            # statements, and the children it re-points come after the first
+            # checked at commit while the sync writes green (`self_keys_after_flip`)
             referenced, ref_columns = spec.green, [mapping.get(c, c) for c in key.referenced_columns]
-            deferrable, deferred, why = True, True, ", checked at commit until cutover"
+            deferrable, deferred, why = True, True, ", checked at commit while the sync writes green"
         out.append(KeyToAdd(key.name, spec.green, [mapping[c] for c in key.columns], referenced, ref_columns,
                             key.on_update, key.on_delete, key.match, deferrable, deferred, True,
                             f"blue's foreign key {key.name} -> {key.referenced.display()}{why}"))

@@ -23,7 +23,7 @@ from orchestrator.phases.cutover import (
     trigger_statements,
 )
 from orchestrator.phases.expose import version_views
-from orchestrator.phases.keys import green_self_keys, retired_keys, shadow_name, shadows_of
+from orchestrator.phases.keys import retired_keys, self_keys_after_flip, shadow_name, shadows_of
 from orchestrator.render import render_steps
 from orchestrator.spec import MigrationSpec, forward_sync, reverse_sync
 
@@ -77,11 +77,12 @@ def predicted_uncutover_unit(conn: Conn, spec: MigrationSpec, mode: str, lock_ti
     sequences = [{"from_seq": after_cutover(pair["to_seq"]), "to_seq": after_cutover(pair["from_seq"]),
                   "column": pair["column"], "table": spec.retired} for pair in flip.sequences]
     return _uncutover(conn, spec, flip.record, flip.surround.plain_views, sequences, lock_timeout, attempts,
-                      current_user)
+                      current_user, predicted=True)
 
 
 def _uncutover(conn: Conn, spec: MigrationSpec, record: dict[str, Any], views: list[ViewDef],
-               sequences: list[dict[str, Any]], lock_timeout: str, attempts: int, current_user: str) -> Unit:
+               sequences: list[dict[str, Any]], lock_timeout: str, attempts: int, current_user: str, *,
+               predicted: bool = False) -> Unit:
     mode = str(record.get("mode", "rename"))
     live = live_table(spec, mode)
     surround = surround_from_json(record.get("surround"))
@@ -113,7 +114,9 @@ def _uncutover(conn: Conn, spec: MigrationSpec, record: dict[str, Any], views: l
         add_publications=surround.publications,
         shared_sequences=[(c.shared_sequence, blue_column[c.name]) for c in spec.columns if c.shared_sequence],
         matviews=surround.matviews, window=window,
-        window_views=list(version_views(spec)) if window else [], self_keys=green_self_keys(conn, live))
+        window_views=list(version_views(spec)) if window else [],
+        self_keys=self_keys_after_flip(conn, spec, blue=spec.retired, blue_written=False, green=live,
+                                       green_written=True, predicted=predicted))
     statements = [Statement(d, s) for d, s in steps]
     statements[-1] = Statement(statements[-1].description, statements[-1].sql,
                                expect_rows=f"rollback {spec.name} refused: the migration is no longer cut over")
@@ -132,7 +135,9 @@ def finalize_units(conn: Conn, spec: MigrationSpec, record: dict[str, Any], lock
     unhooking = [Statement(d, s) for d, s in render_steps(
         "finalize_unhook.sql.j2", spec=spec, reverse=reverse, lock_timeout=lock_timeout,
         lock_relations=[*(version_views(spec) if window else []), live_table(spec, mode)], window=window,
-        live=live_table(spec, mode))]
+        live=live_table(spec, mode),
+        self_keys=self_keys_after_flip(conn, spec, blue=None, blue_written=False, green=live_table(spec, mode),
+                                       green_written=False, predicted=predicted))]
     unhooking[-1] = Statement(unhooking[-1].description, unhooking[-1].sql,
                               expect_rows=f"finalize {spec.name} refused: the migration is no longer cut over")
     unhook = Unit(f"finalize {spec.name}: the reverse sync leaves the live table {spec.blue.display()}", unhooking,

@@ -65,6 +65,8 @@ ALTER TABLE "bgsync"."migrations" ADD COLUMN IF NOT EXISTS cutover jsonb;
 ALTER TABLE "bgsync"."migrations" ADD COLUMN IF NOT EXISTS green_written_at timestamptz;
 -- the plan file as prepare read it, for `bgsync plan show` (NULL in journals from before it was kept)
 ALTER TABLE "bgsync"."migrations" ADD COLUMN IF NOT EXISTS plan_source text;
+-- blue's own timing of its foreign keys on itself, while bgsync has them checked at commit (blue written by the sync)
+ALTER TABLE "bgsync"."migrations" ADD COLUMN IF NOT EXISTS self_keys jsonb;
 -- the pause flag: set by `bgsync pause`, read by every backfill worker of every process between batches
 ALTER TABLE "bgsync"."migrations" ADD COLUMN IF NOT EXISTS paused_at timestamptz;
 -- running backfill processes, each with its heartbeat and what holds it
