@@ -100,17 +100,30 @@ def original_self_keys(conn: Conn, spec: MigrationSpec, blue: QualifiedName) -> 
     """Blue's self-referencing foreign keys that green takes, with blue's own timing: the journal's record of
     it while bgsync has blue's deferred (`self_keys`, written by the flip that deferred them), else blue's
     catalog (`blue`: blue under the name it has now)."""
-    recorded: dict[str, SelfKey] = {}
-    if journal_exists(conn, spec.state_schema):
-        row = conn.execute(sql.SQL("SELECT to_jsonb(m) -> 'self_keys' FROM {}.migrations AS m WHERE name = %s")
-                           .format(sql.Identifier(spec.state_schema)), [spec.name]).fetchone()
-        recorded = {k["name"]: SelfKey(k["name"], k["deferrable"], k["deferred"])
-                    for k in (row[0] if row and row[0] else [])}
+    recorded = {k.name: k for k in recorded_self_keys(conn, spec) or []}
     blue_oid = catalog.regclass_oid(conn, str(blue))
     mapping = green_of(spec)
     return [recorded.get(key.name, SelfKey(key.name, key.deferrable, key.deferred))
             for key in ([] if blue_oid is None else surroundings.outbound_keys(conn, blue_oid))
             if key.self_reference and all(c in mapping for c in key.columns)]
+
+
+def recorded_self_keys(conn: Conn, spec: MigrationSpec) -> list[SelfKey] | None:
+    """The journal's record of blue's timing (None: no record, or a journal from before it was kept)."""
+    if not journal_exists(conn, spec.state_schema):
+        return None
+    row = conn.execute(sql.SQL("SELECT to_jsonb(m) -> 'self_keys' FROM {}.migrations AS m WHERE name = %s")
+                       .format(sql.Identifier(spec.state_schema)), [spec.name]).fetchone()
+    if row is None or row[0] is None:
+        return None
+    return [SelfKey(k["name"], k["deferrable"], k["deferred"]) for k in row[0]]
+
+
+def journal_has_self_keys(conn: Conn, spec: MigrationSpec) -> bool:
+    row = conn.execute("SELECT EXISTS (SELECT FROM pg_attribute WHERE attrelid = to_regclass(%s) "
+                       "AND attname = 'self_keys' AND NOT attisdropped)",
+                       [sql.Identifier(spec.state_schema, "migrations").as_string(conn)]).fetchone()
+    return bool(row and row[0])
 
 
 @dataclass(frozen=True)
@@ -131,6 +144,8 @@ class SelfKeysAfterFlip:
 
     steps: list[SelfKeyTiming]
     record: str | None
+    recorded: bool             # the journal holds a record now (one to clear, where `record` is None)
+    journal_column: bool       # the journal has the column (a journal from before it gets it with the record)
 
 
 def self_keys_after_flip(conn: Conn, spec: MigrationSpec, *, blue: QualifiedName | None, blue_written: bool,
@@ -152,7 +167,8 @@ def self_keys_after_flip(conn: Conn, spec: MigrationSpec, *, blue: QualifiedName
                     "is checked at commit: the sync writes this table" if written
                     else "has blue's timing again: only applications write this table"))
     record = json.dumps([dataclasses.asdict(k) for k in originals]) if blue is not None and blue_written else None
-    return SelfKeysAfterFlip(steps, record)
+    return SelfKeysAfterFlip(steps, record, recorded_self_keys(conn, spec) is not None,
+                             journal_has_self_keys(conn, spec))
 
 
 def constraint_names(conn: Conn, table: QualifiedName) -> set[str]:
