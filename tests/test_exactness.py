@@ -376,10 +376,11 @@ def test_a_self_referencing_key_rekeys_in_every_phase(dsn: str, tmp_path: Path) 
     for command in ("prepare", "backfill", "verify"):
         run_ok(dsn, command, str(plan))
 
-    def timing(table: str) -> tuple[object, ...] | None:
+    def timing(table: str) -> dict[str, tuple[bool, bool]]:
         with psycopg.connect(dsn) as conn:
-            return conn.execute("SELECT condeferrable, condeferred FROM pg_constraint "
-                                "WHERE conname = 'tree_parent_fkey' AND conrelid = %s::regclass", [table]).fetchone()
+            return {str(r[0]): (bool(r[1]), bool(r[2])) for r in conn.execute(
+                "SELECT conname, condeferrable, condeferred FROM pg_constraint "
+                "WHERE contype = 'f' AND conrelid = %s::regclass", [table])}
 
     def tree_diff(blue: str, green: str) -> list[tuple[object, ...]]:
         return text_diff(dsn, f"SELECT id::bigint, parent::bigint, body FROM public.{blue}",
@@ -392,7 +393,8 @@ def test_a_self_referencing_key_rekeys_in_every_phase(dsn: str, tmp_path: Path) 
             conn.execute(f"UPDATE {through} SET id = id + 1000, body = 'rekeyed' WHERE id = %s", [parent])
         assert scalar(dsn, "SELECT count(*) FROM public.tree WHERE parent = %s", [parent + 1000]) == children
 
-    blue_timing, target_timing = (False, False), (True, True)
+    blue_timing = {"tree_parent_fkey": (False, False)}
+    target_timing = {"tree_parent_fkey": (True, True)}
     assert timing("public.tree_v2") == target_timing
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("INSERT INTO public.tree VALUES (600, NULL, 'root'), (601, 600, 'leaf')")
@@ -402,8 +404,13 @@ def test_a_self_referencing_key_rekeys_in_every_phase(dsn: str, tmp_path: Path) 
     rekey(1)                                           # the children follow, on blue and on green
     assert tree_diff("tree", "tree_v2") == []
 
-    with psycopg.connect(dsn, autocommit=True) as conn:     # a journal from before it kept blue's timing
-        conn.execute("ALTER TABLE bgsync.migrations DROP COLUMN self_keys")
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("ALTER TABLE bgsync.migrations DROP COLUMN self_keys")   # a journal from before the record
+        # a second key on the table itself, added after the backfill (green takes it at cutover), with
+        # another timing of blue's
+        conn.execute("ALTER TABLE public.tree ADD CONSTRAINT tree_parent_twin FOREIGN KEY (parent) "
+                     "REFERENCES public.tree (id) ON UPDATE CASCADE DEFERRABLE INITIALLY IMMEDIATE")
+    blue_timing["tree_parent_twin"], target_timing["tree_parent_twin"] = (True, False), (True, True)
     run_ok(dsn, "cutover", str(plan))                  # green live; blue written by the sync
     assert (timing("public.tree"), timing("public.tree_old")) == (blue_timing, target_timing)
     rekey(3)

@@ -22,7 +22,7 @@ from orchestrator.catalog import IndexName, ViewDef
 from orchestrator.errors import GateRefused
 from orchestrator.executor import Statement, Unit
 from orchestrator.names import NAMEDATALEN_BYTES, QualifiedName
-from orchestrator.phases.keys import keys_units, self_keys_after_flip
+from orchestrator.phases.keys import keys_to_add, keys_units, self_keys_after_flip
 from orchestrator.render import render_steps
 from orchestrator.rewrite import on_relation, retarget
 from orchestrator.spec import GreenColumn, MigrationSpec, fit_name, forward_sync, reverse_sync
@@ -382,7 +382,8 @@ def cutover_units(conn: Conn, spec: MigrationSpec, mode: str, lock_timeout: str,
         add_publications=publication_columns(spec, surround.publications, to_green=True),
         shared_sequences=[(c.shared_sequence, c.name) for c in spec.columns if c.shared_sequence],
         self_keys=self_keys_after_flip(conn, spec, blue=spec.blue, blue_written=True, green=spec.green,
-                                       green_written=window))
+                                       green_written=window, green_gets=frozenset(
+                                           k.name for k in keys_to_add(conn, spec) if k.table == spec.green)))
     statements = [Statement(d, s) for d, s in steps]
     statements[-1] = Statement(statements[-1].description, statements[-1].sql,
                                expect_rows=f"cutover {spec.name} refused: the migration is no longer "

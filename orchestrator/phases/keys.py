@@ -149,17 +149,18 @@ class SelfKeysAfterFlip:
 
 
 def self_keys_after_flip(conn: Conn, spec: MigrationSpec, *, blue: QualifiedName | None, blue_written: bool,
-                         green: QualifiedName, green_written: bool, predicted: bool = False) -> SelfKeysAfterFlip:
+                         green: QualifiedName, green_written: bool, predicted: bool = False,
+                         green_gets: frozenset[str] = frozenset()) -> SelfKeysAfterFlip:
     """The timing steps for blue (`None`: about to be dropped) and green, named as they are when the steps
     run (before the flip's renames). `predicted`: the cutover has not run yet, so blue and green are read
-    under their names before it."""
+    under their names before it. `green_gets`: the keys green takes before the flip (cutover's)."""
     read_as = {blue: spec.blue, green: spec.green} if predicted else {}
     originals = original_self_keys(conn, spec, spec.blue if predicted else blue or spec.retired)
     steps = []
     for table, written in ((blue, blue_written), (green, green_written)):
         if table is None:
             continue
-        present = constraint_names(conn, read_as.get(table, table))
+        present = constraint_names(conn, read_as.get(table, table)) | (green_gets if table == green else set())
         for key in originals:
             if key.name in present:
                 steps.append(SelfKeyTiming(
