@@ -168,7 +168,8 @@ def self_keys_after_flip(conn: Conn, spec: MigrationSpec, *, blue: QualifiedName
                     "is checked at commit: the sync writes this table" if written
                     else "has blue's timing again: only applications write this table"))
     record = json.dumps([dataclasses.asdict(k) for k in originals]) if blue is not None and blue_written else None
-    return SelfKeysAfterFlip(steps, record, recorded_self_keys(conn, spec) is not None,
+    # a predicted flip after cutover finds the record cutover will have written
+    return SelfKeysAfterFlip(steps, record, predicted or recorded_self_keys(conn, spec) is not None,
                              journal_has_self_keys(conn, spec))
 
 
