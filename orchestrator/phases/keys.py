@@ -96,34 +96,38 @@ class SelfKey:
     deferred: bool
 
 
-def original_self_keys(conn: Conn, spec: MigrationSpec, blue: QualifiedName) -> list[SelfKey]:
+@dataclass(frozen=True)
+class JournalSelfKeys:
+    """What the journal holds of blue's timing: whether it has the column (a journal from before it was kept
+    has not), and the record (None: blue's keys have their own timing)."""
+
+    column: bool
+    record: list[SelfKey] | None
+
+
+def journal_self_keys(conn: Conn, spec: MigrationSpec) -> JournalSelfKeys:
+    if not journal_exists(conn, spec.state_schema):
+        return JournalSelfKeys(False, None)
+    row = conn.execute(sql.SQL("SELECT to_jsonb(m) ? 'self_keys', to_jsonb(m) -> 'self_keys' "
+                               "FROM {}.migrations AS m WHERE name = %s").format(sql.Identifier(spec.state_schema)),
+                       [spec.name]).fetchone()
+    if row is None:
+        return JournalSelfKeys(False, None)
+    return JournalSelfKeys(bool(row[0]), None if row[1] is None else
+                           [SelfKey(k["name"], k["deferrable"], k["deferred"]) for k in row[1]])
+
+
+def original_self_keys(conn: Conn, spec: MigrationSpec, blue: QualifiedName, recorded: list[SelfKey] | None
+                       ) -> list[SelfKey]:
     """Blue's self-referencing foreign keys that green takes, with blue's own timing: the journal's record of
-    it while bgsync has blue's deferred (`self_keys`, written by the flip that deferred them), else blue's
+    it while bgsync has blue's deferred (`recorded`, written by the flip that deferred them), else blue's
     catalog (`blue`: blue under the name it has now)."""
-    recorded = {k.name: k for k in recorded_self_keys(conn, spec) or []}
+    by_name = {k.name: k for k in recorded or []}
     blue_oid = catalog.regclass_oid(conn, str(blue))
     mapping = green_of(spec)
-    return [recorded.get(key.name, SelfKey(key.name, key.deferrable, key.deferred))
+    return [by_name.get(key.name, SelfKey(key.name, key.deferrable, key.deferred))
             for key in ([] if blue_oid is None else surroundings.outbound_keys(conn, blue_oid))
             if key.self_reference and all(c in mapping for c in key.columns)]
-
-
-def recorded_self_keys(conn: Conn, spec: MigrationSpec) -> list[SelfKey] | None:
-    """The journal's record of blue's timing (None: no record, or a journal from before it was kept)."""
-    if not journal_exists(conn, spec.state_schema):
-        return None
-    row = conn.execute(sql.SQL("SELECT to_jsonb(m) -> 'self_keys' FROM {}.migrations AS m WHERE name = %s")
-                       .format(sql.Identifier(spec.state_schema)), [spec.name]).fetchone()
-    if row is None or row[0] is None:
-        return None
-    return [SelfKey(k["name"], k["deferrable"], k["deferred"]) for k in row[0]]
-
-
-def journal_has_self_keys(conn: Conn, spec: MigrationSpec) -> bool:
-    row = conn.execute("SELECT EXISTS (SELECT FROM pg_attribute WHERE attrelid = to_regclass(%s) "
-                       "AND attname = 'self_keys' AND NOT attisdropped)",
-                       [sql.Identifier(spec.state_schema, "migrations").as_string(conn)]).fetchone()
-    return bool(row and row[0])
 
 
 @dataclass(frozen=True)
@@ -154,8 +158,11 @@ def self_keys_after_flip(conn: Conn, spec: MigrationSpec, *, blue: QualifiedName
     """The timing steps for blue (`None`: about to be dropped) and green, named as they are when the steps
     run (before the flip's renames). `predicted`: the cutover has not run yet, so blue and green are read
     under their names before it. `green_gets`: the keys green takes before the flip (cutover's)."""
+    journal = journal_self_keys(conn, spec)
+    originals = original_self_keys(conn, spec, spec.blue if predicted else blue or spec.retired, journal.record)
+    if not originals:
+        return SelfKeysAfterFlip([], None, False, journal.column)
     read_as = {blue: spec.blue, green: spec.green} if predicted else {}
-    originals = original_self_keys(conn, spec, spec.blue if predicted else blue or spec.retired)
     steps = []
     for table, written in ((blue, blue_written), (green, green_written)):
         if table is None:
@@ -169,8 +176,7 @@ def self_keys_after_flip(conn: Conn, spec: MigrationSpec, *, blue: QualifiedName
                     else "has blue's timing again: only applications write this table"))
     record = json.dumps([dataclasses.asdict(k) for k in originals]) if blue is not None and blue_written else None
     # a predicted flip after cutover finds the record cutover will have written
-    return SelfKeysAfterFlip(steps, record, predicted or recorded_self_keys(conn, spec) is not None,
-                             journal_has_self_keys(conn, spec))
+    return SelfKeysAfterFlip(steps, record, predicted or journal.record is not None, journal.column)
 
 
 def constraint_names(conn: Conn, table: QualifiedName) -> set[str]:
